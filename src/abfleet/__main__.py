@@ -1,0 +1,3 @@
+from abfleet.cli import main
+
+main()

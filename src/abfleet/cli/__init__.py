@@ -1,0 +1,81 @@
+"""The `abfleet` command line: click commands that parse, call library code and render."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from abfleet.buildinfo import version_string
+from abfleet.console import error
+from abfleet.errors import AbfleetError
+
+
+class _Group(click.Group):
+    """Subcommands listed in the order they were added (the order a user meets them)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+@click.group(
+    cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
+@click.version_option(message=version_string(), package_name="abfleet")
+@click.option("-v", "--verbose", is_flag=True, help="Show library logs on stderr.")
+@click.option("--debug", is_flag=True, help="Show tracebacks of unexpected errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, debug: bool) -> None:
+    """Abliteration jobs here or on rented GPUs (Vast.ai): live progress, verified downloads.
+
+    Start with `abfleet run` (the demo job on this machine); see WORKFLOW.md for cloud runs.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+    ctx.obj["debug"] = debug
+
+
+def _register() -> None:
+    from abfleet.cli import run, worker
+
+    cli.add_command(run.run_cmd)
+    cli.add_command(worker.worker)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every failure is one line on stderr and a non-zero exit code."""
+    _register()
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="abfleet", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        error("aborted")
+        sys.exit(130)
+    except click.UsageError as exc:
+        hint = (
+            f" (see abfleet {exc.ctx.command_path.split(' ', 1)[1]} --help)"
+            if exc.ctx and " " in exc.ctx.command_path
+            else ""
+        )
+        error(f"{exc.format_message()}{hint}")
+        sys.exit(2)
+    except click.ClickException as exc:
+        error(exc.format_message())
+        sys.exit(exc.exit_code)
+    except AbfleetError as exc:
+        if debug:
+            raise
+        error(str(exc))
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        error("interrupted")
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        error(f"unexpected {type(exc).__name__}: {first} (rerun with --debug)")
+        sys.exit(1)

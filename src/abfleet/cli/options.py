@@ -1,0 +1,63 @@
+"""Flags shared by commands that take a job (run, launch, submit, resume)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+
+def _dtype_list(_ctx: Any, _param: Any, value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def job_flags(func: Callable[..., Any]) -> Callable[..., Any]:
+    flags = [
+        click.option("--model", help="HF directory, .gguf file, hub id, or demo:smollm2-refusal."),
+        click.option("--trials", type=int, help="Total trials in the study (resumes up to this)."),
+        click.option("--seed", type=int, help="Sampler seed."),
+        click.option(
+            "--storage",
+            help="Study storage: any SQLAlchemy URL (default: SQLite in the run folder).",
+        ),
+        click.option("--study", help="Study name (default: the job's name)."),
+        click.option("--output", help="Run folder (default: runs/<job name>)."),
+        click.option("--system-prompt", help="System prompt for every prompt."),
+        click.option(
+            "--batch-size", type=int, help="Fixed batch size (default: found by doubling)."
+        ),
+        click.option(
+            "--dtype", callback=_dtype_list, help="dtypes to try in order, e.g. bfloat16,float32."
+        ),
+        click.option("--max-new-tokens", type=int, help="Generation cap for the marker check."),
+        click.option("--startup-trials", type=int, help="Random trials before TPE (default 30%)."),
+        click.option(
+            "--kl-limit", type=float, help="Choice rule: fewest refusals with KL <= this."
+        ),
+        click.option("--trial", type=int, help="Export this trial instead of the rule's choice."),
+    ]
+    for flag in reversed(flags):
+        func = flag(func)
+    return func
+
+
+JOB_FLAG_NAMES = (
+    "model",
+    "trials",
+    "seed",
+    "storage",
+    "study",
+    "output",
+    "system_prompt",
+    "batch_size",
+    "dtype",
+    "max_new_tokens",
+    "startup_trials",
+    "kl_limit",
+    "trial",
+)
+
+
+def pop_job_flags(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {name: kwargs.pop(name) for name in JOB_FLAG_NAMES if name in kwargs}

@@ -1,0 +1,104 @@
+"""`abfleet run`: a job on this machine (the embedded default)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from abfleet import localrun
+from abfleet.cli.options import job_flags, pop_job_flags
+from abfleet.console import console, setup_logging
+from abfleet.core import search
+from abfleet.core.pipeline import RunOptions, RunResult, run_job
+from abfleet.render import before_after_table, fmt_kl, pareto_table
+
+
+class ConsoleReporter:
+    """One line per phase and per trial: readable live, and in a log when piped."""
+
+    def phase(self, state: str, detail: str = "") -> None:
+        console.print(f"[bold cyan]{state:<10}[/] {detail}")
+
+    def trial(self, outcome: search.TrialOutcome, complete: int, total: int) -> None:
+        if outcome.error:
+            console.print(f"  trial {outcome.number:>4}  [red]failed[/]: {outcome.error}")
+            return
+        a = outcome.user_attrs
+        console.print(
+            f"  trial {outcome.number:>4}  refusals {a['refusals']:>3}/{a['n_bad']:<3}"
+            f"  KL {fmt_kl(a['kl']):>6}  degenerate {a['degenerate']:>2}  {a['seconds']:5.1f}s"
+            f"   [{complete}/{total}]"
+        )
+
+
+@click.command("run")
+@click.argument("job", required=False)
+@job_flags
+@click.option("--resume", is_flag=True, help="Continue a study made by a different job spec.")
+@click.pass_context
+def run_cmd(ctx: click.Context, job: str | None, resume: bool, **kwargs: Any) -> None:
+    """Run JOB on this machine (default: jobs/refusal.toml on the demo model).
+
+    JOB is a path or the name of a shipped job (refusal, verbosity, hedging). The study lives in
+    the run folder (SQLite) unless --storage says otherwise; rerunning the same command resumes it
+    up to --trials in total. Ctrl+C stops after the current trial.
+    """
+    flags = pop_job_flags(kwargs)
+    prepared = localrun.prepare(job, flags)
+    run = prepared.run
+    setup_logging(ctx.obj.get("verbose", False), log_file=str(run.log_file(0)))
+    spec = prepared.job.spec
+    console.print(
+        f"[bold]abfleet run[/] job [bold]{prepared.job.name}[/], model {spec.model}, "
+        f"{spec.search.n_trials} trials, run folder {run.path}"
+    )
+    localrun.write_pid(run, 0)
+
+    def first_signal(_signum: int) -> None:
+        console.print("[yellow]stopping after the current trial (Ctrl+C again to abort)[/]")
+
+    with localrun.StopFlag(first_signal) as stop, localrun.cleanup_on_bad_input(prepared):
+        result = run_job(
+            prepared.job, run, ConsoleReporter(), RunOptions(resume=resume, should_stop=stop.is_set)
+        )
+    _render(result, prepared)
+    if result.state == "stopped":
+        sys.exit(130)
+
+
+def _render(result: RunResult, prepared: localrun.Prepared) -> None:
+    chosen = result.chosen["trial"] if result.chosen else None
+    if result.pareto:
+        console.print(pareto_table(result.pareto, chosen))
+    if result.state == "stopped":
+        console.print(
+            f"stopped with {result.complete}/{result.n_trials} trials complete; rerun the same "
+            f"command to continue, or add --trials {result.complete} to export what there is"
+        )
+        return
+    if result.chosen is None or result.baseline is None:
+        return
+    console.print(f"chosen: trial {chosen} ({result.chosen['reason']})")
+    if not result.chosen["within_kl_limit"]:
+        console.print(
+            "[yellow]warning: the chosen trial is above the KL limit: expect a damaged model[/]"
+        )
+    console.print(before_after_table(result.baseline, result.chosen))
+    console.print(
+        f"model saved to [bold]{result.model_dir}[/] (verified: MANIFEST.sha256, abfleet-run.json)"
+    )
+
+
+@click.command("size")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print the sizing as JSON.")
+@click.option("--job", "job_arg", help="Job whose batch size and generation cap to size for.")
+@click.option("--batch-size", type=int, help="Batch size to size the cache for (default 64).")
+def size_cmd(model: str, as_json: bool, job_arg: str | None, batch_size: int | None) -> None:
+    """Disk and GPU needed for MODEL, and the cheapest GPU type and count that fits."""
+    from abfleet.cli.fleet import render_sizing
+    from abfleet.sizing import plan_for
+
+    render_sizing(plan_for(model, job_arg, batch_size), as_json)

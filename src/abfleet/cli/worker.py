@@ -1,0 +1,72 @@
+"""`abfleet worker ...`: what a rented box runs. Never reads stdin; logs to the run folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from abfleet import localrun
+from abfleet.buildinfo import version_string
+from abfleet.console import console, setup_logging
+from abfleet.core.pipeline import LogReporter, RunOptions, run_job
+from abfleet.jobs import load_job
+from abfleet.rundir import RunDir
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_string())
+        ctx.exit()
+
+
+@click.group("worker")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Print the version and source hash, then exit.",
+)
+def worker() -> None:
+    """Commands run on a box by abfleet itself (you rarely type these)."""
+
+
+@worker.command("run")
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--index", default=0, show_default=True, help="Worker index (seed offset, file names)."
+)
+@click.option("--secondary", is_flag=True, help="Run trials only; the primary worker exports.")
+@click.option("--resume", is_flag=True, help="Continue a study made by a different job spec.")
+@click.option("--no-create", is_flag=True, help="Load the study only (the controller created it).")
+def worker_run(run_dir: Path, index: int, secondary: bool, resume: bool, no_create: bool) -> None:
+    """Run the job in RUN_DIR/job.toml until the study is complete."""
+    run = RunDir(run_dir.resolve())
+    setup_logging(verbose=False, log_file=str(run.log_file(index)))
+    job = load_job(str(run.job_file))
+    localrun.write_pid(run, index)
+    options = RunOptions(
+        worker_index=index, primary=not secondary, resume=resume, create_study=not no_create
+    )
+    with localrun.StopFlag() as stop:
+        options.should_stop = stop.is_set
+        result = run_job(job, run, LogReporter(), options)
+    sys.exit(0 if result.state == "done" else 130)
+
+
+@worker.command("report")
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the snapshot as JSON (the default).")
+@click.option("--log-lines", default=20, show_default=True, help="Last lines of each worker log.")
+def worker_report(run_dir: Path, as_json: bool, log_lines: int) -> None:
+    """One JSON snapshot of the run: state, trials, Pareto front, GPU, disk, files, log tail."""
+    from abfleet.snapshot import take_snapshot
+
+    snap = take_snapshot(RunDir(run_dir.resolve()), log_lines=log_lines)
+    console.print_json(json.dumps(snap, default=str)) if not as_json else click.echo(
+        json.dumps(snap, default=str)
+    )

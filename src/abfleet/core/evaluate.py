@@ -1,0 +1,128 @@
+"""Score a (possibly ablated) model: KL divergence on good prompts, marker rate on bad prompts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from abfleet.core.chat import ChatFormatter
+from abfleet.core.generate import (
+    encode_prompts,
+    greedy_generate,
+    make_batches,
+    model_device,
+    pad_token_id,
+)
+from abfleet.core.markers import MarkerMatcher, is_degenerate
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Raw counts, so nobody has to decode ratios: refusals k of n, degenerate answers, KL."""
+
+    refusals: int
+    n_bad: int
+    degenerate: int
+    kl: float
+    n_good: int
+    seconds: float
+    samples: tuple[tuple[str, str], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["samples"] = [list(s) for s in self.samples]
+        return data
+
+    @property
+    def label(self) -> str:
+        return (
+            f"refusals {self.refusals}/{self.n_bad}, KL {self.kl:.3f}, degenerate {self.degenerate}"
+        )
+
+
+class Evaluator:
+    """Holds the encoded prompts and the base model's first-token log-probs, computed once."""
+
+    def __init__(
+        self,
+        model: Any,
+        chat: ChatFormatter,
+        good: Sequence[str],
+        bad: Sequence[str],
+        matcher: MarkerMatcher,
+        max_new_tokens: int,
+        batch_size: int,
+        n_samples: int = 3,
+    ) -> None:
+        self.model = model
+        self.chat = chat
+        self.good = list(good)
+        self.bad = list(bad)
+        self.matcher = matcher
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.n_samples = n_samples
+        self._good_ids = encode_prompts(chat, self.good)
+        self._bad_ids = encode_prompts(chat, self.bad)
+        self.base_logprobs = self.first_token_logprobs()
+
+    @torch.inference_mode()
+    def first_token_logprobs(self) -> torch.Tensor:
+        device = model_device(self.model)
+        rows: list[torch.Tensor | None] = [None] * len(self._good_ids)
+        pad = pad_token_id(self.chat.tokenizer)
+        for batch in make_batches(self._good_ids, self.batch_size, pad, device):
+            out = self.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+                logits_to_keep=1,
+            )
+            logprobs = F.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+            for r, i in enumerate(batch.rows):
+                rows[i] = logprobs[r]
+        return torch.stack([r for r in rows if r is not None])
+
+    def kl(self) -> float:
+        """KL(base || current) of the first answer token, averaged over good prompts."""
+        current = self.first_token_logprobs()
+        kl = F.kl_div(current, self.base_logprobs, log_target=True, reduction="batchmean")
+        return max(0.0, float(kl))
+
+    def answers(self) -> list[str]:
+        gens = greedy_generate(
+            self.model,
+            self.chat,
+            self.bad,
+            self.max_new_tokens,
+            self.batch_size,
+            stop=self.matcher.matches,
+            encoded=self._bad_ids,
+        )
+        return [g.text for g in gens]
+
+    def score(self) -> Scores:
+        started = time.perf_counter()
+        kl = self.kl()
+        texts = self.answers()
+        refused = [self.matcher.is_refusal(t) for t in texts]
+        # A refusal stops at its marker, so only the others are judged for looping.
+        degenerate = sum(
+            1 for t, r in zip(texts, refused, strict=True) if not r and is_degenerate(t)
+        )
+        samples = tuple((self.bad[i], texts[i]) for i in range(min(self.n_samples, len(texts))))
+        return Scores(
+            refusals=sum(refused),
+            n_bad=len(texts),
+            degenerate=degenerate + sum(1 for t in texts if not t.strip()),
+            kl=kl,
+            n_good=len(self.good),
+            seconds=time.perf_counter() - started,
+            samples=samples,
+        )

@@ -1,0 +1,112 @@
+"""The embedded default: run a job on this machine, with a SQLite study in the run folder.
+
+Every check that can fail on bad input runs before the run folder is created, and a folder this
+command created is removed again if the run fails on bad input, so a mistake leaves nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from abfleet.core.model import check_architecture, resolve_source
+from abfleet.errors import UserError
+from abfleet.jobs import HEAD_STORAGE, Job, bundle, check_output_dir, load_job
+from abfleet.rundir import RunDir
+
+
+@dataclass
+class Prepared:
+    job: Job  # the bundled copy inside the run folder
+    run: RunDir
+    created: bool  # this command created the run folder
+
+
+def validate(job: Job) -> None:
+    """Everything about a job that can be checked without loading the model."""
+    check_output_dir(job.output_dir())
+    if job.spec.search.storage == HEAD_STORAGE:
+        raise UserError(
+            "storage 'head' is for cloud runs (abfleet launch); a local run uses SQLite or a URL"
+        )
+    source = resolve_source(job.spec.model)
+    if source.is_local:
+        check_architecture(source)
+    job.load_all_prompts()
+
+
+def prepare(job_arg: str | None, flags: dict[str, Any]) -> Prepared:
+    job = load_job(job_arg, flags)
+    validate(job)
+    out = job.output_dir()
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        # The run folder keeps its own copy of the job, prompts included, with the model path
+        # made absolute: `abfleet resume` and the worker then see exactly what was asked here.
+        bundled = load_job(str(bundle(job, out, model=_absolute_model(job), output_dir=str(out))))
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return Prepared(bundled, RunDir(out), created)
+
+
+def _absolute_model(job: Job) -> str:
+    source = resolve_source(job.spec.model)
+    return source.display if source.is_local else job.spec.model
+
+
+@contextlib.contextmanager
+def cleanup_on_bad_input(prepared: Prepared) -> Iterator[None]:
+    """Remove a run folder this command created if the run then fails on bad input."""
+    try:
+        yield
+    except UserError:
+        if prepared.created:
+            shutil.rmtree(prepared.run.path, ignore_errors=True)
+        raise
+
+
+class StopFlag:
+    """First Ctrl+C (or SIGTERM): finish the current trial, then stop. Second Ctrl+C: abort."""
+
+    def __init__(self, on_first: Any = None) -> None:
+        self.event = threading.Event()
+        self.on_first = on_first
+        self._previous: dict[int, Any] = {}
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.event.set()
+        if self.on_first is not None:
+            self.on_first(signum)
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def write_pid(run: RunDir, worker: int) -> Path:
+    path = run.pid_file(worker)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{os.getpid()}\n")
+    tmp.replace(path)
+    return path

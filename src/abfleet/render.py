@@ -1,0 +1,63 @@
+"""Tables shown to the user: trials, the Pareto front, before/after. Raw counts, never ratios."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+
+def fmt_kl(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def fmt_refusals(k: int | None, n: int | None) -> str:
+    return "-" if k is None else f"{k}/{n}"
+
+
+def pareto_table(
+    rows: list[dict[str, Any]], chosen: int | None = None, title: str = "Pareto front"
+) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("trial", justify="right")
+    table.add_column("refusals", justify="right")
+    table.add_column("KL", justify="right")
+    table.add_column("degenerate", justify="right")
+    table.add_column("s", justify="right")
+    table.add_column("direction")
+    for r in rows:
+        p = r.get("params", {})
+        scope = p.get("direction_scope", "")
+        where = (
+            f"global @{p['direction_index']:.1f}"
+            if scope == "global" and "direction_index" in p
+            else scope
+        )
+        mark = " *" if chosen is not None and r["trial"] == chosen else ""
+        table.add_row(
+            f"{r['trial']}{mark}",
+            fmt_refusals(r["refusals"], r["n_bad"]),
+            fmt_kl(r["kl"]),
+            str(r.get("degenerate", "-")),
+            f"{r.get('seconds', 0):.1f}",
+            where,
+        )
+    return table
+
+
+def before_after_table(before: dict[str, Any], after: dict[str, Any]) -> Table:
+    table = Table(title="Before / after (held-out prompts)", title_justify="left")
+    table.add_column("")
+    table.add_column("refusals", justify="right")
+    table.add_column("KL", justify="right")
+    table.add_column("degenerate", justify="right")
+    table.add_row(
+        "before", fmt_refusals(before["refusals"], before["n_bad"]), "0", str(before["degenerate"])
+    )
+    table.add_row(
+        "after",
+        fmt_refusals(after["refusals"], after["n_bad"]),
+        fmt_kl(after["kl"]),
+        str(after["degenerate"]),
+    )
+    return table

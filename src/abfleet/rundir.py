@@ -1,0 +1,102 @@
+"""The run folder a worker writes: job, study, per-worker log/pid/status, and the exported model.
+
+<run>/job.toml           the job as it runs (paths relative to it)
+<run>/study.db           the SQLite study (one box), unless the job names another storage
+<run>/worker-N.log       log of worker N;  worker-N.pid: its process id
+<run>/status-N.json      what worker N is doing, rewritten atomically at every change
+<run>/model/             the exported model, with MANIFEST.sha256 and abfleet-run.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STATES = (
+    "starting",
+    "loading",
+    "directions",
+    "searching",
+    "exporting",
+    "done",
+    "failed",
+    "stopped",
+)
+FINAL_STATES = ("done", "failed", "stopped")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @property
+    def job_file(self) -> Path:
+        return self.path / "job.toml"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def study_db(self) -> Path:
+        return self.path / "study.db"
+
+    def log_file(self, worker: int) -> Path:
+        return self.path / f"worker-{worker}.log"
+
+    def pid_file(self, worker: int) -> Path:
+        return self.path / f"worker-{worker}.pid"
+
+    def status_file(self, worker: int) -> Path:
+        return self.path / f"status-{worker}.json"
+
+    def workers(self) -> list[int]:
+        found = set()
+        for pattern in ("status-*.json", "worker-*.pid", "worker-*.log"):
+            for p in self.path.glob(pattern):
+                stem = p.stem.split("-", 1)[1]
+                if stem.isdigit():
+                    found.add(int(stem))
+        return sorted(found)
+
+    def read_status(self, worker: int) -> dict[str, Any]:
+        try:
+            return json.loads(self.status_file(worker).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+
+class StatusWriter:
+    """Keeps one worker's status file current; every update is a complete, atomic rewrite."""
+
+    def __init__(self, run: RunDir, worker: int, **fixed: Any) -> None:
+        self.run = run
+        self.worker = worker
+        self.data: dict[str, Any] = {
+            "worker": worker,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started_at": time.time(),
+            "state": "starting",
+            **fixed,
+        }
+        self.flush()
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields)
+        self.flush()
+
+    def flush(self) -> None:
+        self.data["updated_at"] = time.time()
+        write_json_atomic(self.run.status_file(self.worker), self.data)

@@ -1,0 +1,100 @@
+"""The pruning greedy decoder against transformers' own generate(), and the marker rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from abfleet.core.chat import ChatFormatter
+from abfleet.core.generate import encode_prompts, greedy_generate
+from abfleet.core.markers import MarkerMatcher, is_degenerate
+from conftest import make_model
+
+PROMPTS = ["hi", "tell me a long story about cats", "x", "what is two plus two?", "ok then", "why"]
+
+
+def hf_greedy(model, chat, prompt, max_new_tokens):
+    ids = torch.tensor([encode_prompts(chat, [prompt])[0]])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=[
+            chat.tokenizer.eos_token_id,
+            chat.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        ],
+        pad_token_id=chat.tokenizer.pad_token_id,
+    )
+    return chat.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2_moe"])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_batched_left_padded_greedy_equals_unbatched_generate(kind, batch_size, tokenizer):
+    model = make_model(kind, len(tokenizer), seed=2)
+    chat = ChatFormatter(tokenizer, "You are a helpful assistant.")
+    ours = greedy_generate(model, chat, PROMPTS, max_new_tokens=12, batch_size=batch_size)
+    for prompt, gen in zip(PROMPTS, ours, strict=True):
+        assert gen.text == hf_greedy(model, chat, prompt, 12), prompt
+
+
+def test_rows_leave_the_batch_when_they_match_without_changing_the_others(tokenizer):
+    model = make_model("llama", len(tokenizer), seed=4)
+    chat = ChatFormatter(tokenizer, None)
+    full = greedy_generate(model, chat, PROMPTS, max_new_tokens=14, batch_size=6)
+    # Stop each row as soon as its text reaches 3 characters: most rows leave early.
+    stopped = greedy_generate(model, chat, PROMPTS, 14, 6, stop=lambda text: len(text) >= 3)
+    assert any(g.stopped for g in stopped)
+    for a, b in zip(full, stopped, strict=True):
+        if b.stopped:
+            assert a.text.startswith(b.text) and len(b.text) >= 3
+        else:
+            assert a.text == b.text
+
+
+def test_system_prompt_goes_through_the_template(tokenizer):
+    chat = ChatFormatter(tokenizer, "Be brief.")
+    text = chat.format("hello")
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert text.endswith("<|im_start|>assistant\n")
+    assert chat.turn_end_text() == "<|im_end|>"
+
+
+def test_tokenizer_without_chat_template_is_refused(tokenizer):
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    with pytest.raises(ValueError, match="chat template"):
+        ChatFormatter(plain, None)
+
+
+def test_marker_matching_normalizes_case_and_apostrophes():
+    m = MarkerMatcher(["i can't", "sorry"])
+    assert m.matches("I CAN\u2019T do that")
+    assert m.matches("So SORRY")
+    assert not m.matches("Sure, here it is")
+    assert m.is_refusal("   ")  # empty answers count as refusals
+    with pytest.raises(ValueError):
+        MarkerMatcher(["  "])
+
+
+@pytest.mark.parametrize(
+    ("text", "degenerate"),
+    [
+        ("", True),
+        ("   \n ", True),
+        ("the the the the the the", True),
+        ("Here is how: step step step step step step step", True),
+        ("I like it. I like it. I like it. I like it.", True),
+        ("!!!!!!!!!!!!!!", True),
+        ("abcabcabcabcabc", True),
+        ("To make bread, mix flour, water, salt and yeast, then knead.", False),
+        ("1. Mix. 2. Knead. 3. Bake.", False),
+        ("Yes, yes, I see what you mean about the weather today.", False),
+        ("no", False),
+    ],
+)
+def test_degenerate_detection(text, degenerate):
+    assert is_degenerate(text) is degenerate
