@@ -177,3 +177,65 @@ def abfleet_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Boxes: real sshd servers on loopback, and a fake Vast.ai API whose instances become them.
+
+
+@pytest.fixture(scope="session")
+def ssh_key(tmp_path_factory) -> Path:
+    from sshbox import make_keypair
+
+    return make_keypair(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture
+def boxes(tmp_path, ssh_key):
+    """A factory of started SSH boxes, all closed (workers killed) at the end of the test."""
+    from sshbox import SshBox, free_port
+
+    made = []
+
+    def factory(name: object = None) -> SshBox:
+        box = SshBox(tmp_path / f"box-{name or len(made)}", free_port(), ssh_key).start()
+        made.append(box)
+        return box
+
+    factory.made = made  # type: ignore[attr-defined]
+    yield factory
+    for box in made:
+        box.close()
+
+
+def write_config(config_dir: Path, ssh_key: Path, vast_url: str = "", **ssh: object) -> None:
+    from abfleet.settings import _load
+
+    config_dir.mkdir(parents=True, exist_ok=True)
+    ssh_lines = "\n".join(
+        f"{k} = {_toml(v)}" for k, v in {"key": str(ssh_key), "connect_timeout_s": 5, **ssh}.items()
+    )
+    vast = f'server_url = "{vast_url}"\n' if vast_url else ""
+    (config_dir / "config.toml").write_text(
+        f"[vast]\n{vast}boot_timeout_s = 60\npoll_s = 0.2\n\n[ssh]\n{ssh_lines}\n"
+    )
+    _load.cache_clear()
+
+
+@pytest.fixture
+def fake_vast(boxes, ssh_key, isolated_home, monkeypatch):
+    """The fake Vast.ai API, configured as abfleet's Vast server, with the right key in the env."""
+    from fakevast import API_KEY, FakeVast
+
+    fake = FakeVast(box_factory=boxes).start()
+    write_config(isolated_home / "config", ssh_key, fake.url)
+    monkeypatch.setenv("VAST_API_KEY", API_KEY)
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def ssh_config(ssh_key, isolated_home):
+    """abfleet configured with the test key (for the ssh provider, no Vast)."""
+    write_config(isolated_home / "config", ssh_key)
+    return isolated_home / "config" / "config.toml"

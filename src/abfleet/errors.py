@@ -23,6 +23,10 @@ class RemoteError(AbfleetError):
     """An SSH connection or a command on a box failed."""
 
 
+class SshAuthError(RemoteError):
+    """The box answered but refused us (key, permissions, host key): waiting will not help."""
+
+
 class Declined(AbfleetError):
     """The user did not confirm a billable or destructive action; nothing was done."""
 

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from abfleet.core.markers import DEFAULT_REFUSAL_MARKERS
-from abfleet.core.model import DEFAULT_DTYPES
+from abfleet.core.source import DEFAULT_DTYPES
 from abfleet.errors import UserError
 from abfleet.prompts import (
     DatasetSource,

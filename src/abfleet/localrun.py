@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from abfleet.core.model import check_architecture, resolve_source
+from abfleet.core.source import resolve_source
 from abfleet.errors import UserError
 from abfleet.jobs import HEAD_STORAGE, Job, bundle, check_output_dir, load_job
 from abfleet.rundir import RunDir
@@ -29,17 +29,24 @@ class Prepared:
     created: bool  # this command created the run folder
 
 
+def validate_inputs(job: Job) -> None:
+    """The model and prompts of a job, checked without loading the model (local or cloud run)."""
+    source = resolve_source(job.spec.model)
+    if source.is_local:
+        from abfleet.core.model import check_architecture
+
+        check_architecture(source)
+    job.load_all_prompts()
+
+
 def validate(job: Job) -> None:
-    """Everything about a job that can be checked without loading the model."""
+    """Everything a local run can check before it creates its run folder."""
     check_output_dir(job.output_dir())
     if job.spec.search.storage == HEAD_STORAGE:
         raise UserError(
             "storage 'head' is for cloud runs (abfleet launch); a local run uses SQLite or a URL"
         )
-    source = resolve_source(job.spec.model)
-    if source.is_local:
-        check_architecture(source)
-    job.load_all_prompts()
+    validate_inputs(job)
 
 
 def prepare(job_arg: str | None, flags: dict[str, Any]) -> Prepared:

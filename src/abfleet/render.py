@@ -61,3 +61,21 @@ def before_after_table(before: dict[str, Any], after: dict[str, Any]) -> Table:
         str(after["degenerate"]),
     )
     return table
+
+
+def sizing_table(plan: Any) -> Table:
+    table = Table(title=f"Sizing for {plan.model}", title_justify="left", show_header=False)
+    table.add_column("figure", style="bold")
+    table.add_column("value", justify="right")
+    table.add_column("why")
+    values = {
+        "parameters": f"{plan.params / 1e9:.2f}B",
+        "weights": f"{plan.weights_gb:.1f} GB",
+        "disk": f"{plan.disk_gb} GB",
+        "GPU memory": f"{plan.gpu_memory_gb:.1f} GB",
+        "GPU": f"{plan.gpu_count}x {plan.gpu}" if plan.gpu else "none",
+    }
+    for reason in plan.reasons:
+        key, _, why = reason.partition(": ")
+        table.add_row(key, values.get(key, ""), why)
+    return table

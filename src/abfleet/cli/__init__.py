@@ -36,9 +36,12 @@ def cli(ctx: click.Context, verbose: bool, debug: bool) -> None:
 
 
 def _register() -> None:
-    from abfleet.cli import run, worker
+    from abfleet.cli import fleet, run, worker
 
     cli.add_command(run.run_cmd)
+    cli.add_command(run.size_cmd)
+    for command in fleet.COMMANDS:
+        cli.add_command(command)
     cli.add_command(worker.worker)
 
 

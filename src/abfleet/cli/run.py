@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from abfleet import localrun
 from abfleet.cli.options import job_flags, pop_job_flags
 from abfleet.console import console, setup_logging
-from abfleet.core import search
-from abfleet.core.pipeline import RunOptions, RunResult, run_job
 from abfleet.render import before_after_table, fmt_kl, pareto_table
+
+if TYPE_CHECKING:
+    from abfleet.core.pipeline import RunResult
+    from abfleet.core.search import TrialOutcome
 
 
 class ConsoleReporter:
@@ -21,7 +23,7 @@ class ConsoleReporter:
     def phase(self, state: str, detail: str = "") -> None:
         console.print(f"[bold cyan]{state:<10}[/] {detail}")
 
-    def trial(self, outcome: search.TrialOutcome, complete: int, total: int) -> None:
+    def trial(self, outcome: TrialOutcome, complete: int, total: int) -> None:
         if outcome.error:
             console.print(f"  trial {outcome.number:>4}  [red]failed[/]: {outcome.error}")
             return
@@ -45,6 +47,8 @@ def run_cmd(ctx: click.Context, job: str | None, resume: bool, **kwargs: Any) ->
     the run folder (SQLite) unless --storage says otherwise; rerunning the same command resumes it
     up to --trials in total. Ctrl+C stops after the current trial.
     """
+    from abfleet.core.pipeline import RunOptions, run_job
+
     flags = pop_job_flags(kwargs)
     prepared = localrun.prepare(job, flags)
     run = prepared.run

@@ -11,7 +11,6 @@ import click
 from abfleet import localrun
 from abfleet.buildinfo import version_string
 from abfleet.console import console, setup_logging
-from abfleet.core.pipeline import LogReporter, RunOptions, run_job
 from abfleet.jobs import load_job
 from abfleet.rundir import RunDir
 
@@ -45,6 +44,8 @@ def worker() -> None:
 @click.option("--no-create", is_flag=True, help="Load the study only (the controller created it).")
 def worker_run(run_dir: Path, index: int, secondary: bool, resume: bool, no_create: bool) -> None:
     """Run the job in RUN_DIR/job.toml until the study is complete."""
+    from abfleet.core.pipeline import LogReporter, RunOptions, run_job
+
     run = RunDir(run_dir.resolve())
     setup_logging(verbose=False, log_file=str(run.log_file(index)))
     job = load_job(str(run.job_file))

@@ -1,0 +1,14 @@
+#!/bin/bash
+# stop-workers.sh RUN SIGNAL: send SIGNAL (TERM: finish the current trial then stop; KILL: now)
+# to every worker of the run in folder RUN. Prints the pids it signalled.
+set -uo pipefail
+run=$1
+signal=$2
+for pidfile in "$run"/worker-*.pid; do
+  [ -f "$pidfile" ] || continue
+  pid=$(cat "$pidfile")
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill "-$signal" "$pid" && printf '%s\n' "$pid"
+  fi
+done
+exit 0

@@ -1,0 +1,320 @@
+"""Commands that size, rent, set up and feed boxes: size, offers, launch, create, setup, submit,
+list, start, stop, destroy, attach-key."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+from rich.table import Table
+
+from abfleet import launcher
+from abfleet.cli.options import job_flags, pop_job_flags
+from abfleet.console import console, is_interactive, setup_logging
+from abfleet.errors import UserError
+from abfleet.ledger import InstanceRecord, Ledger
+from abfleet.providers import NAMES, get_provider
+from abfleet.render import sizing_table
+
+
+def say(message: str) -> None:
+    console.print(message)
+
+
+def confirm_fn() -> Any:
+    if not is_interactive():
+        return None
+    return lambda question: click.confirm(question, default=False)
+
+
+def choose_fn() -> Any:
+    if not is_interactive():
+        return None
+
+    def choose(records: list[InstanceRecord]) -> InstanceRecord:
+        for i, r in enumerate(records, 1):
+            console.print(
+                f"  {i}. {r.instance_id}  {r.label}  {r.gpu_count or ''}x {r.gpu_name or ''}  ({r.provider})"
+            )
+        picked = click.prompt("which instance", type=click.IntRange(1, len(records)))
+        return records[picked - 1]
+
+    return choose
+
+
+def render_sizing(plan: Any, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(plan.to_dict(), indent=1))
+        return
+    console.print(sizing_table(plan))
+    if plan.est_seconds_per_trial:
+        console.print(
+            f"estimated {plan.est_seconds_per_trial:.0f} s per trial (rough; the live ETA replaces it)"
+        )
+
+
+provider_option = click.option(
+    "--provider", type=click.Choice(NAMES), default="vast", show_default=True, help="Where to run."
+)
+host_option = click.option("--host", help="For --provider ssh: user@host[:port] of your machine.")
+yes_option = click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
+
+
+@click.command("offers")
+@click.argument("model")
+@click.option("--job", "job_arg", help="Job to size for (batch size, trials).")
+@click.option("--max-price", type=float, help="Highest $/h to show.")
+@click.option("--disk", "disk_gb", type=int, help="Disk in GB (default: from sizing).")
+@click.option("--json", "as_json", is_flag=True)
+def offers_cmd(
+    model: str, job_arg: str | None, max_price: float | None, disk_gb: int | None, as_json: bool
+) -> None:
+    """Vast.ai offers that fit MODEL, cheapest first."""
+    from abfleet.sizing import plan_for
+
+    plan = plan_for(model, job_arg)
+    req = launcher.requirements(plan, disk_gb, max_price)
+    offers = get_provider("vast").offers(req)
+    if as_json:
+        click.echo(json.dumps([o.__dict__ for o in offers], indent=1))
+        return
+    table = Table(title=f"Offers for {plan.gpu_count}x {plan.gpu}, disk >= {req.disk_gb} GB")
+    for col in ("offer", "GPU", "$/h", "disk GB", "reliability", "Mbps down", "machine", "where"):
+        table.add_column(col)
+    for o in offers[:20]:
+        table.add_row(
+            o.id,
+            f"{o.gpu_count}x {o.gpu_name}",
+            f"{o.price_per_hour:.3f}",
+            f"{o.disk_gb:.0f}",
+            f"{o.reliability:.3f}" if o.reliability else "-",
+            f"{o.inet_down_mbps:.0f}" if o.inet_down_mbps else "-",
+            str(o.machine_id or "-"),
+            o.location,
+        )
+    console.print(table)
+
+
+@click.command("launch")
+@click.argument("job", required=False)
+@job_flags
+@provider_option
+@host_option
+@yes_option
+@click.option("--max-price", type=float, help="Highest $/h to rent at.")
+@click.option("--disk", "disk_gb", type=int, help="Disk in GB (never below what sizing says).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Workers on the box.")
+@click.pass_context
+def launch_cmd(
+    ctx: click.Context,
+    job: str | None,
+    provider: str,
+    host: str | None,
+    yes: bool,
+    max_price: float | None,
+    disk_gb: int | None,
+    workers: int,
+    **kwargs: Any,
+) -> None:
+    """Size, rent, set up and start JOB on a box, in one go.
+
+    Shows the GPU, disk, $/h and estimated cost, and asks before renting (--yes for scripts).
+    """
+    setup_logging(ctx.obj.get("verbose", False))
+    prepared = launcher.prepare(job, pop_job_flags(kwargs))
+    render_sizing(prepared.plan, False)
+    prov = get_provider(provider, host)
+    ledger = Ledger()
+    req = launcher.requirements(prepared.plan, disk_gb, max_price)
+    run = launcher.new_run_name(prepared.job)
+    instance, remote = launcher.create_and_wait(
+        prov,
+        ledger,
+        prepared.plan,
+        req,
+        run,
+        prepared.job.spec.search.n_trials,
+        yes,
+        confirm_fn(),
+        say,
+    )
+    try:
+        box = launcher.setup(remote, say)
+        launcher.register(prov, ledger, instance, box)
+        record = launcher.submit(
+            prov.name, instance.id, box, prepared.job, prepared.plan, run, ledger, say, workers
+        )
+    finally:
+        remote.close()
+    console.print(
+        f"[bold green]launched[/] run {record.name} on instance {instance.id}. "
+        f"Follow it with `abfleet watch {instance.id}` or `abfleet progress {instance.id}`."
+    )
+
+
+@click.command("create")
+@click.argument("model")
+@click.option("--job", "job_arg", help="Job to size for (default: refusal).")
+@provider_option
+@host_option
+@yes_option
+@click.option("--max-price", type=float, help="Highest $/h to rent at.")
+@click.option("--disk", "disk_gb", type=int, help="Disk in GB (never below what sizing says).")
+@click.pass_context
+def create_cmd(
+    ctx: click.Context,
+    model: str,
+    job_arg: str | None,
+    provider: str,
+    host: str | None,
+    yes: bool,
+    max_price: float | None,
+    disk_gb: int | None,
+) -> None:
+    """Rent (or register) a box sized for MODEL and wait until SSH answers."""
+    setup_logging(ctx.obj.get("verbose", False))
+    prepared = launcher.prepare(job_arg, {"model": model})
+    render_sizing(prepared.plan, False)
+    prov = get_provider(provider, host)
+    ledger = Ledger()
+    req = launcher.requirements(prepared.plan, disk_gb, max_price)
+    run = launcher.new_run_name(prepared.job)
+    instance, remote = launcher.create_and_wait(
+        prov,
+        ledger,
+        prepared.plan,
+        req,
+        run,
+        prepared.job.spec.search.n_trials,
+        yes,
+        confirm_fn(),
+        say,
+    )
+    remote.close()
+    console.print(
+        f"[bold green]ready[/]: instance {instance.id}; next `abfleet setup {instance.id}`"
+    )
+
+
+@click.command("setup")
+@click.argument("instance", required=False)
+@click.pass_context
+def setup_cmd(ctx: click.Context, instance: str | None) -> None:
+    """Ship this exact abfleet to INSTANCE and check its version there."""
+    setup_logging(ctx.obj.get("verbose", False))
+    ledger = Ledger()
+    record = launcher.resolve_instance(ledger, instance, choose_fn())
+    remote = launcher.connect_record(record)
+    try:
+        box = launcher.setup(remote, say)
+        ledger.update(record.key, remote_root=box.root)
+    finally:
+        remote.close()
+
+
+@click.command("submit")
+@click.argument("instance", required=False)
+@click.argument("job", required=False)
+@job_flags
+@click.option("--workers", type=int, default=1, show_default=True, help="Workers on the box.")
+@click.pass_context
+def submit_cmd(
+    ctx: click.Context, instance: str | None, job: str | None, workers: int, **kwargs: Any
+) -> None:
+    """Send JOB to INSTANCE (set up with `abfleet setup`) and start its worker(s)."""
+    from abfleet.deploy import Box
+
+    setup_logging(ctx.obj.get("verbose", False))
+    ledger = Ledger()
+    record = launcher.resolve_instance(ledger, instance, choose_fn())
+    prepared = launcher.prepare(job, pop_job_flags(kwargs))
+    if not record.remote_root:
+        raise UserError(
+            f"instance {record.instance_id} is not set up yet: run `abfleet setup {record.instance_id}`"
+        )
+    remote = launcher.connect_record(record)
+    try:
+        box = Box(remote, record.remote_root)
+        run = launcher.new_run_name(prepared.job)
+        launcher.submit(
+            record.provider,
+            record.instance_id or "",
+            box,
+            prepared.job,
+            prepared.plan,
+            run,
+            ledger,
+            say,
+            workers,
+        )
+    finally:
+        remote.close()
+
+
+@click.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--all", "show_all", is_flag=True, help="Include destroyed instances.")
+def list_cmd(as_json: bool, show_all: bool) -> None:
+    """Every instance: the ledger merged with what the providers report."""
+    from abfleet.inventory import inventory
+
+    rows = inventory(Ledger(), show_all)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1, default=str))
+        return
+    table = Table(title="Instances")
+    for col in ("id", "provider", "label", "GPU", "state", "$/h", "up", "run", "note"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            str(r["id"]),
+            r["provider"],
+            r["label"],
+            r["gpu"],
+            r["state"],
+            f"{r['price_per_hour']:.3f}" if r.get("price_per_hour") else "-",
+            _age(r.get("started_at")),
+            r.get("run") or "-",
+            r.get("note") or "",
+        )
+    console.print(table)
+    for r in rows:
+        if r.get("note", "").startswith("NOT IN LEDGER"):
+            console.print(
+                f"[bold red]instance {r['id']} bills but abfleet did not create it[/] (or lost its record)"
+            )
+
+
+def _age(started: float | None) -> str:
+    if not started:
+        return "-"
+    minutes = int((time.time() - started) / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+@click.command("attach-key")
+@click.argument("instance", required=False)
+@click.option(
+    "--key",
+    "key_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Public key file (default: ~/.ssh/id_ed25519.pub).",
+)
+def attach_key_cmd(instance: str | None, key_file: str | None) -> None:
+    """Attach an SSH public key to a Vast.ai instance created before the key was on the account."""
+    from pathlib import Path
+
+    ledger = Ledger()
+    record = launcher.resolve_instance(ledger, instance, choose_fn())
+    if record.provider != "vast":
+        raise UserError("attach-key is for Vast.ai instances")
+    path = Path(key_file) if key_file else Path.home() / ".ssh" / "id_ed25519.pub"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: pass --key PATH.pub")
+    get_provider("vast").attach_key(record.instance_id or "", path.read_text().strip())  # type: ignore[attr-defined]
+    console.print(f"attached {path.name} to instance {record.instance_id}")
+
+
+COMMANDS = [offers_cmd, launch_cmd, create_cmd, setup_cmd, submit_cmd, list_cmd, attach_key_cmd]

@@ -1,0 +1,89 @@
+"""`abfleet list`: the ledger merged with what each provider reports.
+
+Two mismatches are the reason this exists: an instance that bills but is not in the ledger
+(created elsewhere, or a record lost), and a ledger entry the provider no longer knows.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from abfleet.ledger import Ledger
+from abfleet.providers import get_provider
+from abfleet.providers.base import Instance
+
+
+def vast_key_available() -> bool:
+    if os.environ.get("VAST_API_KEY"):
+        return True
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return (config / "vastai" / "vast_api_key").is_file() or (
+        Path.home() / ".vast_api_key"
+    ).is_file()
+
+
+def inventory(ledger: Ledger, include_destroyed: bool = False) -> list[dict[str, Any]]:
+    records = ledger.instances(include_destroyed)
+    live: dict[tuple[str, str], Instance] = {}
+    if any(r.provider == "vast" for r in records if r.state != "destroyed") or vast_key_available():
+        for inst in get_provider("vast").list():
+            live[("vast", inst.id)] = inst
+    runs = {}
+    for run in ledger.runs():
+        runs[(run.provider, run.instance_id)] = run
+    rows = []
+    known = set()
+    for rec in records:
+        key = (rec.provider, rec.instance_id or "")
+        known.add(key)
+        inst = (
+            live.get(key)
+            if rec.provider == "vast"
+            else get_provider(rec.provider).get(rec.instance_id or "")
+        )
+        note = ""
+        if rec.state == "creating":
+            note = "create unresolved: run `abfleet list` again in a minute"
+        elif rec.state == "destroyed":
+            note = "destroyed"
+        elif inst is None:
+            note = "vanished: the provider no longer knows it (destroyed elsewhere?)"
+        run = runs.get(key)
+        rows.append(
+            {
+                "id": rec.instance_id or f"(pending {rec.key})",
+                "provider": rec.provider,
+                "label": rec.label,
+                "gpu": f"{(inst.gpu_count if inst else rec.gpu_count) or ''}x {(inst.gpu_name if inst else rec.gpu_name) or ''}".strip(),
+                "state": inst.state
+                if inst
+                else ("destroyed" if rec.state == "destroyed" else "gone"),
+                "price_per_hour": inst.price_per_hour if inst else rec.price_per_hour,
+                "started_at": (inst.started_at if inst else None) or rec.created_at,
+                "run": run.name if run else None,
+                "run_state": run.state if run else None,
+                "in_ledger": True,
+                "note": note,
+            }
+        )
+    for key, inst in live.items():
+        if key in known:
+            continue
+        rows.append(
+            {
+                "id": inst.id,
+                "provider": inst.provider,
+                "label": inst.label,
+                "gpu": f"{inst.gpu_count}x {inst.gpu_name}",
+                "state": inst.state,
+                "price_per_hour": inst.price_per_hour,
+                "started_at": inst.started_at,
+                "run": None,
+                "run_state": None,
+                "in_ledger": False,
+                "note": "NOT IN LEDGER: it bills, but abfleet has no record of creating it",
+            }
+        )
+    return rows

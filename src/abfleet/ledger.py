@@ -1,0 +1,240 @@
+"""The local record of every instance and run this machine created (SQLite in the data dir).
+
+A create is written here *before* the provider is asked, and completed with the instance id as
+soon as the provider answers, so that no billed contract can exist that abfleet does not know
+about, even if the controller dies mid-call. `abfleet list` compares this record with what the
+provider reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from abfleet.paths import data_dir
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    key INTEGER PRIMARY KEY AUTOINCREMENT,
+    provider TEXT NOT NULL,
+    instance_id TEXT,              -- NULL until the provider answered the create
+    label TEXT NOT NULL,
+    run TEXT,
+    state TEXT NOT NULL,           -- creating, active, destroyed, create-failed
+    offer TEXT,                    -- JSON of the offer it was created from
+    gpu_name TEXT, gpu_count INTEGER, price_per_hour REAL, disk_gb REAL,
+    ssh_host TEXT, ssh_port INTEGER, ssh_user TEXT,
+    remote_root TEXT,
+    created_at REAL NOT NULL,
+    destroyed_at REAL,
+    note TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS instances_live_id ON instances(provider, instance_id)
+    WHERE state NOT IN ('destroyed', 'create-failed');
+CREATE TABLE IF NOT EXISTS runs (
+    name TEXT PRIMARY KEY,
+    job TEXT NOT NULL,
+    model TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    instance_id TEXT,
+    remote_dir TEXT,
+    local_dir TEXT NOT NULL,
+    workers INTEGER DEFAULT 1,
+    created_at REAL NOT NULL,
+    downloaded_at REAL,
+    verified INTEGER DEFAULT 0,
+    last_backup_at REAL,
+    state TEXT
+);
+"""
+
+
+@dataclass
+class InstanceRecord:
+    key: int
+    provider: str
+    instance_id: str | None
+    label: str
+    run: str | None
+    state: str
+    gpu_name: str | None
+    gpu_count: int | None
+    price_per_hour: float | None
+    disk_gb: float | None
+    ssh_host: str | None
+    ssh_port: int | None
+    ssh_user: str | None
+    remote_root: str | None
+    created_at: float
+    destroyed_at: float | None
+    offer: dict[str, Any] | None
+    note: str | None
+
+
+@dataclass
+class RunRecord:
+    name: str
+    job: str
+    model: str
+    provider: str
+    instance_id: str | None
+    remote_dir: str | None
+    local_dir: str
+    workers: int
+    created_at: float
+    downloaded_at: float | None
+    verified: bool
+    last_backup_at: float | None
+    state: str | None
+
+
+class Ledger:
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or (data_dir() / "ledger.sqlite")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._db() as db:
+            db.executescript(SCHEMA)
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30)
+        db.row_factory = sqlite3.Row
+        try:
+            with db:  # one transaction: committed on success, rolled back on error
+                yield db
+        finally:
+            db.close()
+
+    # -- instances --------------------------------------------------------------------------
+
+    def begin_create(
+        self, provider: str, label: str, run: str | None, offer: dict[str, Any]
+    ) -> int:
+        """Record the intent before the provider is called; returns the row key."""
+        with self._db() as db:
+            cur = db.execute(
+                "INSERT INTO instances (provider, label, run, state, offer, gpu_name, gpu_count,"
+                " price_per_hour, disk_gb, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    provider,
+                    label,
+                    run,
+                    "creating",
+                    json.dumps(offer),
+                    offer.get("gpu_name"),
+                    offer.get("gpu_count"),
+                    offer.get("price_per_hour"),
+                    offer.get("disk_gb"),
+                    time.time(),
+                ),
+            )
+            return int(cur.lastrowid)
+
+    def finish_create(self, key: int, instance_id: str, **fields: Any) -> None:
+        self.update(key, instance_id=instance_id, state="active", **fields)
+
+    def fail_create(self, key: int, note: str) -> None:
+        self.update(key, state="create-failed", note=note)
+
+    def update(self, key: int, **fields: Any) -> None:
+        if not fields:
+            return
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self._db() as db:
+            db.execute(f"UPDATE instances SET {cols} WHERE key = ?", (*fields.values(), key))
+
+    def mark_destroyed(self, provider: str, instance_id: str) -> None:
+        with self._db() as db:
+            db.execute(
+                "UPDATE instances SET state = 'destroyed', destroyed_at = ? WHERE provider = ? AND instance_id = ?",
+                (time.time(), provider, instance_id),
+            )
+
+    def instances(self, include_destroyed: bool = False) -> list[InstanceRecord]:
+        query = "SELECT * FROM instances"
+        if not include_destroyed:
+            query += " WHERE state NOT IN ('destroyed', 'create-failed')"
+        with self._db() as db:
+            rows = db.execute(query + " ORDER BY key").fetchall()
+        return [_instance(r) for r in rows]
+
+    def instance(self, provider: str, instance_id: str) -> InstanceRecord | None:
+        with self._db() as db:
+            row = db.execute(
+                "SELECT * FROM instances WHERE provider = ? AND instance_id = ?",
+                (provider, instance_id),
+            ).fetchone()
+        return _instance(row) if row else None
+
+    def find(self, instance_id: str) -> list[InstanceRecord]:
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT * FROM instances WHERE instance_id = ? ORDER BY key", (instance_id,)
+            ).fetchall()
+        return [_instance(r) for r in rows]
+
+    # -- runs -------------------------------------------------------------------------------
+
+    def add_run(self, record: RunRecord) -> None:
+        with self._db() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    record.name,
+                    record.job,
+                    record.model,
+                    record.provider,
+                    record.instance_id,
+                    record.remote_dir,
+                    record.local_dir,
+                    record.workers,
+                    record.created_at,
+                    record.downloaded_at,
+                    int(record.verified),
+                    record.last_backup_at,
+                    record.state,
+                ),
+            )
+
+    def update_run(self, name: str, **fields: Any) -> None:
+        if not fields:
+            return
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self._db() as db:
+            db.execute(f"UPDATE runs SET {cols} WHERE name = ?", (*fields.values(), name))
+
+    def run(self, name: str) -> RunRecord | None:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM runs WHERE name = ?", (name,)).fetchone()
+        return _run(row) if row else None
+
+    def runs(self) -> list[RunRecord]:
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM runs ORDER BY created_at").fetchall()
+        return [_run(r) for r in rows]
+
+    def runs_on(self, provider: str, instance_id: str) -> list[RunRecord]:
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT * FROM runs WHERE provider = ? AND instance_id = ? ORDER BY created_at",
+                (provider, instance_id),
+            ).fetchall()
+        return [_run(r) for r in rows]
+
+
+def _instance(row: sqlite3.Row) -> InstanceRecord:
+    data = dict(row)
+    data["offer"] = json.loads(data["offer"]) if data["offer"] else None
+    return InstanceRecord(**data)
+
+
+def _run(row: sqlite3.Row) -> RunRecord:
+    data = dict(row)
+    data["verified"] = bool(data["verified"])
+    return RunRecord(**data)

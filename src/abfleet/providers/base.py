@@ -1,0 +1,105 @@
+"""One interface for every place a job can run: Vast.ai, a machine reached over SSH, this machine.
+
+The launcher only sees this interface: it asks for offers, creates an instance from one, waits
+until it is ready, then talks to it through the Remote that connect() returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+# Normalized instance states.
+PENDING = "pending"
+RUNNING = "running"
+STOPPED = "stopped"
+FAILED = "failed"
+GONE = "gone"
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a job needs of a box (from sizing)."""
+
+    gpu_name: str | None
+    gpu_count: int
+    gpu_memory_gb: float  # per GPU
+    disk_gb: int
+    max_price: float | None = None
+    exclude_machines: tuple[int, ...] = ()
+    extra_ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Offer:
+    id: str
+    provider: str
+    gpu_name: str
+    gpu_count: int
+    gpu_memory_gb: float
+    disk_gb: float
+    price_per_hour: float
+    reliability: float | None = None
+    inet_down_mbps: float | None = None
+    machine_id: int | None = None
+    location: str = ""
+
+
+@dataclass(frozen=True)
+class CreateSpec:
+    label: str
+    image: str
+    disk_gb: int
+    onstart: str = ""
+    env: dict[str, str] = field(default_factory=dict)  # never secrets: Vast shows env to the host
+    ports: tuple[int, ...] = ()
+
+
+@dataclass
+class Instance:
+    id: str
+    provider: str
+    label: str
+    state: str  # one of PENDING, RUNNING, STOPPED, FAILED, GONE
+    raw_state: str = ""
+    status_msg: str = ""
+    gpu_name: str = ""
+    gpu_count: int = 0
+    price_per_hour: float | None = None
+    disk_gb: float | None = None
+    ssh_host: str | None = None
+    ssh_port: int | None = None
+    ssh_user: str = "root"
+    machine_id: int | None = None
+    started_at: float | None = None
+    ports: dict[int, int] = field(default_factory=dict)  # container port -> host port
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ssh_ready(self) -> bool:
+        return self.state == RUNNING and bool(self.ssh_host) and bool(self.ssh_port)
+
+
+class Provider(Protocol):
+    name: str
+    billable: bool  # creating costs money: confirmation required
+
+    def offers(self, req: Requirements) -> list[Offer]: ...
+
+    def create(self, offer: Offer, spec: CreateSpec) -> Instance: ...
+
+    def get(self, instance_id: str) -> Instance | None: ...
+
+    def list(self) -> list[Instance]: ...
+
+    def start(self, instance_id: str) -> None: ...
+
+    def stop(self, instance_id: str) -> None: ...
+
+    def destroy(self, instance_id: str) -> bool:
+        """True if destroyed now, False if it was already gone."""
+        ...
+
+    def connect(self, instance: Instance) -> Any:
+        """A Remote for running commands and moving files on the instance."""
+        ...

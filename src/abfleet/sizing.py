@@ -1,0 +1,431 @@
+"""From a model to disk, GPU memory and the cheapest GPU type and count that fits it.
+
+Parameters come from the safetensors metadata when it is there (exact), else from config.json
+(dense, MoE, and vision towers of multimodal models). Each figure carries a one-line reason, so a
+user can see why abfleet asks for 200 GB and not 100.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from abfleet.errors import UserError
+from abfleet.resources import resource_path
+from abfleet.settings import SizingSettings, settings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+GB = 1e9
+DTYPE_BYTES = {
+    "bfloat16": 2,
+    "float16": 2,
+    "float32": 4,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "I8": 1,
+    "U8": 1,
+}
+# Rough time estimate: a trial is memory-bound decoding plus compute-bound prefill. Real runs
+# reach a fraction of that floor; 0.1 is deliberately pessimistic (a budget should not be
+# exceeded by an optimistic guess). The live ETA replaces it once trials run.
+TIME_EFFICIENCY = 0.1
+
+
+@dataclass
+class Shape:
+    """What sizing needs to know of a model."""
+
+    params: int
+    touched_params: int  # attention out + MLP down projections: the reset copy
+    layers: int
+    hidden: int
+    vocab: int
+    kv_heads: int
+    head_dim: int
+    experts: int
+    source: str  # how params were counted
+
+
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    text = config.get("text_config")
+    return {**config, **text} if isinstance(text, dict) else config
+
+
+def shape_from_config(config: dict[str, Any], exact_params: int | None = None) -> Shape:
+    c = _text_config(config)
+    try:
+        hidden = int(c["hidden_size"])
+        layers = int(c["num_hidden_layers"])
+        vocab = int(c["vocab_size"])
+        heads = int(c["num_attention_heads"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"config.json lacks {exc} needed to size the model") from None
+    kv_heads = int(c.get("num_key_value_heads") or heads)
+    head_dim = int(c.get("head_dim") or hidden // heads)
+    inter = int(c.get("intermediate_size") or 4 * hidden)
+    experts = int(
+        c.get("num_local_experts") or c.get("num_experts") or c.get("n_routed_experts") or 0
+    )
+    expert_inter = int(c.get("moe_intermediate_size") or inter)
+    shared_inter = int(c.get("shared_expert_intermediate_size") or 0)
+    if not shared_inter and c.get("n_shared_experts"):
+        shared_inter = int(c["n_shared_experts"]) * expert_inter
+    dense_layers = int(c.get("first_k_dense_replace") or 0)
+    tied = bool(config.get("tie_word_embeddings", c.get("tie_word_embeddings", True)))
+
+    q_out = heads * head_dim
+    kv_out = kv_heads * head_dim
+    attn = hidden * q_out + 2 * hidden * kv_out + q_out * hidden
+    if c.get("attention_bias") or c.get("model_type") in ("qwen2", "qwen2_moe"):
+        attn += q_out + 2 * kv_out
+    dense_mlp = 3 * hidden * inter
+    total = 0
+    touched = 0
+    for layer in range(layers):
+        total += attn + 2 * hidden
+        touched += q_out * hidden
+        if experts and layer >= dense_layers:
+            total += experts * 3 * hidden * expert_inter + hidden * experts
+            touched += experts * expert_inter * hidden
+            if shared_inter:
+                total += 3 * hidden * shared_inter + hidden
+                touched += shared_inter * hidden
+        else:
+            total += dense_mlp
+            touched += inter * hidden
+    total += vocab * hidden * (1 if tied else 2) + hidden
+    total += _vision_params(config, hidden)
+    source = "config.json"
+    if exact_params:
+        total, source = exact_params, "safetensors metadata"
+    return Shape(total, touched, layers, hidden, vocab, kv_heads, head_dim, experts, source)
+
+
+def _vision_params(config: dict[str, Any], text_hidden: int) -> int:
+    """A ViT/SigLIP-style vision tower and its projector (weights that load, never ablated)."""
+    v = config.get("vision_config")
+    if not isinstance(v, dict) or "hidden_size" not in v:
+        return 0
+    h = int(v["hidden_size"])
+    inter = int(v.get("intermediate_size") or 4 * h)
+    layers = int(v.get("num_hidden_layers") or 0)
+    patch = int(v.get("patch_size") or 14)
+    image = int(v.get("image_size") or 224)
+    per_layer = 4 * h * h + 4 * h + 2 * h * inter + inter + h + 4 * h
+    embeddings = 3 * patch * patch * h + h + (image // patch) ** 2 * h
+    return layers * per_layer + embeddings + 2 * h + h * text_hidden + h
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the numbers come from
+
+
+def _safetensors_params(paths: list[Path]) -> int | None:
+    """Exact parameter count from safetensors headers (8-byte length + JSON), no weights read."""
+    total = 0
+    for path in paths:
+        try:
+            with open(path, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(length))
+        except (OSError, struct.error, ValueError):
+            return None
+        for name, info in header.items():
+            if name != "__metadata__":
+                total += math.prod(info["shape"])
+    return total or None
+
+
+def shape_for(model: str) -> tuple[Shape, str]:
+    """(shape, label) for a local directory, a .gguf file, the demo model or a hub id."""
+    from abfleet.core.source import materialize, resolve_source
+
+    source = resolve_source(model)
+    if source.kind == "demo":
+        source = materialize(source)
+    if source.kind == "dir":
+        path = Path(source.location)
+        config = json.loads((path / "config.json").read_text())
+        exact = _safetensors_params(sorted(path.glob("*.safetensors")))
+        return shape_from_config(config, exact), str(path)
+    if source.kind == "gguf":
+        return _gguf_shape(Path(source.location) / (source.gguf_file or "")), source.display
+    return _hub_shape(source.location), source.location
+
+
+def _gguf_shape(path: Path) -> Shape:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    params = sum(int(t.n_elements) for t in reader.tensors)
+    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+
+    def field_int(key: str, default: int = 0) -> int:
+        f = reader.fields.get(f"{arch}.{key}")
+        return int(f.parts[-1][0]) if f is not None else default
+
+    hidden = field_int("embedding_length")
+    layers = field_int("block_count")
+    heads = field_int("attention.head_count", 1)
+    config = {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": field_int("attention.head_count_kv", heads),
+        "intermediate_size": field_int("feed_forward_length", 4 * hidden),
+        "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data)
+        if "tokenizer.ggml.tokens" in reader.fields
+        else 32000,
+        "num_local_experts": field_int("expert_count"),
+    }
+    return shape_from_config(config, params)
+
+
+def _hub_shape(repo: str) -> Shape:
+    try:
+        from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+        config = json.loads(Path(hf_hub_download(repo, "config.json")).read_text())
+        try:
+            meta = get_safetensors_metadata(repo)
+            exact = sum(meta.parameter_count.values())
+        except Exception:  # noqa: BLE001 - no safetensors metadata: count from the config
+            exact = None
+    except Exception as exc:
+        raise UserError(
+            f"cannot read {repo} from the Hugging Face hub ({str(exc).splitlines()[0]}): "
+            "check the id and HF_TOKEN, or size a local copy"
+        ) from exc
+    return shape_from_config(config, exact)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    memory_gb: float
+    price_per_hour: float
+    bandwidth_tbps: float
+    bf16_tflops: float
+    counts: tuple[int, ...]
+
+
+def gpu_catalog() -> list[Gpu]:
+    data = tomllib.loads((resource_path("config") / "gpus.toml").read_text(encoding="utf-8"))
+    return [Gpu(**{**g, "counts": tuple(g["counts"])}) for g in data["gpu"]]
+
+
+@dataclass
+class Plan:
+    model: str
+    params: int
+    params_source: str
+    dtype: str
+    weights_gb: float
+    disk_gb: int
+    free_disk_gb: float  # what the job itself writes on the box: checked before it starts
+    gpu_memory_gb: float
+    memory_parts: dict[str, float]
+    gpu: str | None
+    gpu_count: int
+    gpu_memory_each_gb: float
+    price_per_hour: float | None
+    est_seconds_per_trial: float | None
+    reset_copy: str = "device"
+    reasons: list[str] = field(default_factory=list)
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def hours_for(self, n_trials: int) -> float | None:
+        if self.est_seconds_per_trial is None:
+            return None
+        return n_trials * self.est_seconds_per_trial / 3600 + setup_hours(self.weights_gb)
+
+
+def setup_hours(weights_gb: float) -> float:
+    """Boot, install, download (~100 GB/h on a 200 Mbps+ box), load and directions."""
+    return 0.25 + weights_gb / 100
+
+
+def min_disk_for(params_b: float, cfg: SizingSettings) -> float:
+    floor = 0.0
+    for threshold, minimum in cfg.min_disk_by_params_b:
+        if params_b >= threshold:
+            floor = max(floor, minimum)
+    return floor
+
+
+def plan(
+    shape: Shape,
+    model: str,
+    batch_size: int | None = None,
+    max_new_tokens: int = 30,
+    n_eval: int = 200,
+    dtype_bytes: int = 2,
+    dtype: str = "bfloat16",
+    n_trials: int = 200,
+) -> Plan:
+    cfg = settings().sizing
+    batch = batch_size or cfg.default_batch_size
+    params_b = shape.params / 1e9
+    weights = shape.params * dtype_bytes / GB
+    reasons = [
+        f"parameters: {params_b:.2f}B (from {shape.source})",
+        f"weights: {weights:.1f} GB at {dtype}",
+    ]
+
+    disk_formula = 2 * weights + cfg.disk_overhead_gb
+    floor = min_disk_for(params_b, cfg)
+    disk = int(math.ceil(max(disk_formula, floor) / 10.0) * 10)
+    why = f"disk: {disk} GB = 2 x {weights:.1f} GB weights + {cfg.disk_overhead_gb:.0f} GB, rounded up"
+    if floor > disk_formula:
+        why += f" and raised to the field minimum for {params_b:.0f}B ({floor:.0f} GB)"
+    reasons.append(why)
+    free_needed = round(2 * weights + 5, 1)
+
+    seq = cfg.prompt_tokens + max_new_tokens
+    parts = {
+        "weights": weights,
+        "reset copy": shape.touched_params * dtype_bytes / GB,
+        "KV cache": 2
+        * shape.layers
+        * shape.kv_heads
+        * shape.head_dim
+        * batch
+        * seq
+        * dtype_bytes
+        / GB,
+        "activations": (
+            (shape.layers + 1) * batch * cfg.prompt_tokens * shape.hidden * dtype_bytes
+            + (batch + n_eval) * shape.vocab * 8
+        )
+        / GB,
+        "CUDA context": cfg.cuda_context_gb,
+    }
+    need = sum(parts.values())
+    reasons.append(
+        f"GPU memory: {need:.1f} GB = "
+        + " + ".join(f"{v:.1f} {k}" for k, v in parts.items())
+        + f" (batch {batch}, {seq} tokens)"
+    )
+
+    # Layers split over several GPUs run one after another (device_map="auto"): more GPUs add
+    # memory, not speed. So types are ranked by the estimated cost of the whole job, setup
+    # (download, load, directions) included. When the reset copy is what keeps a card from
+    # fitting, it may live in host memory instead (a reset is then a host-to-device copy).
+    setup_h = setup_hours(weights)
+    candidates = []
+    for gpu in gpu_catalog():
+        for count in gpu.counts:
+            usable = count * gpu.memory_gb * cfg.usable_fraction
+            if need <= usable:
+                copy = "device"
+            elif need - parts["reset copy"] <= usable:
+                copy = "cpu"
+            else:
+                continue
+            seconds = _seconds_per_trial(shape, weights, n_eval, batch, max_new_tokens, gpu)
+            price = gpu.price_per_hour * count
+            cost = price * (n_trials * seconds / 3600 + setup_h)
+            candidates.append(
+                {
+                    "gpu": gpu,
+                    "count": count,
+                    "price": price,
+                    "seconds": seconds,
+                    "cost": cost,
+                    "copy": copy,
+                }
+            )
+            break
+    candidates.sort(key=lambda c: (c["cost"], c["price"]))
+    chosen = candidates[0] if candidates else None
+    est = chosen["seconds"] if chosen else None
+    if chosen:
+        g, n = chosen["gpu"], chosen["count"]
+        line = (
+            f"GPU: {n}x {g.name} ({g.memory_gb:.0f} GB each, ~{chosen['price']:.2f} $/h, ~{chosen['cost']:.1f} $ "
+            f"for {n_trials} trials): lowest estimated job cost that fits"
+        )
+        if chosen["copy"] == "cpu":
+            line += f", with the {parts['reset copy']:.1f} GB reset copy in host memory"
+        dearer = [
+            c for c in candidates if c is not chosen and c["gpu"].bandwidth_tbps > g.bandwidth_tbps
+        ]
+        if dearer:
+            c = dearer[0]
+            line += f"; {c['count']}x {c['gpu'].name} would be faster but ~{c['cost']:.1f} $ in all"
+        reasons.append(line)
+    else:
+        reasons.append(f"GPU: nothing in the catalog holds {need:.0f} GB")
+    return Plan(
+        model=model,
+        params=shape.params,
+        params_source=shape.source,
+        dtype=dtype,
+        weights_gb=round(weights, 2),
+        disk_gb=disk,
+        free_disk_gb=free_needed,
+        gpu_memory_gb=round(need, 1),
+        memory_parts={k: round(v, 2) for k, v in parts.items()},
+        gpu=chosen["gpu"].name if chosen else None,
+        gpu_count=chosen["count"] if chosen else 0,
+        gpu_memory_each_gb=chosen["gpu"].memory_gb if chosen else 0.0,
+        price_per_hour=round(chosen["price"], 2) if chosen else None,
+        est_seconds_per_trial=round(est, 1) if est else None,
+        reset_copy=chosen["copy"] if chosen else "device",
+        reasons=reasons,
+        candidates=[
+            {
+                "gpu": c["gpu"].name,
+                "count": c["count"],
+                "price_per_hour": round(c["price"], 2),
+                "est_job_cost": round(c["cost"], 2),
+            }
+            for c in candidates
+        ],
+    )
+
+
+def _seconds_per_trial(
+    shape: Shape, weights_gb: float, n_eval: int, batch: int, tokens: int, gpu: Gpu
+) -> float:
+    """Floor from first principles (every decode step reads all weights; prefill is FLOPs),
+    divided by the efficiency real runs reach."""
+    half = max(1, n_eval // 2)
+    steps = tokens * math.ceil(half / batch)
+    decode = steps * weights_gb / (gpu.bandwidth_tbps * 1000)
+    prefill = 2 * shape.params * n_eval * 128 / (gpu.bf16_tflops * 1e12)
+    return (decode + prefill) / TIME_EFFICIENCY
+
+
+def plan_for(model: str, job_arg: str | None = None, batch_size: int | None = None) -> Plan:
+    """Sizing for `abfleet size`: the job (if any) gives batch size, cap and prompt count."""
+    from abfleet.jobs import load_job
+
+    max_new, n_eval, dtype, n_trials = 30, 200, "bfloat16", 200
+    if job_arg:
+        job = load_job(job_arg)
+        max_new = job.spec.evaluation.max_new_tokens
+        batch_size = batch_size or job.spec.model_options.batch_size or None
+        prompts = job.load_all_prompts()
+        n_eval = len(prompts["bad_eval"]) + len(prompts["good_eval"])
+        n_trials = job.spec.search.n_trials
+    shape, label = shape_for(model)
+    return plan(shape, label, batch_size, max_new, n_eval, 2, dtype, n_trials)

@@ -1,0 +1,431 @@
+"""A local fake of the Vast.ai API, driven by the real `vastai` SDK through its server_url.
+
+It speaks what vastai 1.9's SDK sends and expects (read from its source): POST /api/v0/bundles/
+with a filter dict (gpu_ram in MB, `order`, `type`, `allocated_storage`), PUT /api/v0/asks/{id}/
+answering {"success": true, "new_contract": id}, the paginated GET /api/v1/instances/ (25 a page,
+next_token), GET /api/v0/instances/{id}/?owner=me -> {"instances": {...}}, PUT/DELETE on
+/api/v0/instances/{id}/, and the traps of the real service: a wrong key answers 404 auth_error,
+the old list endpoint answers 410, destroying a missing instance answers no_such_instance.
+
+Instances move through created -> loading -> running over time; when one runs, a real SSH server
+on 127.0.0.1 (tests/sshbox.py) becomes its box. Faults can be injected per endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+API_KEY = "fake-vast-key-0123456789"
+
+
+def make_offer(
+    offer_id: int,
+    gpu: str,
+    num_gpus: int,
+    gpu_ram_mb: int,
+    price: float,
+    disk: float = 500.0,
+    **extra: Any,
+) -> dict[str, Any]:
+    offer = {
+        "id": offer_id,
+        "ask_contract_id": offer_id,
+        "machine_id": 10_000 + offer_id,
+        "host_id": 20_000 + offer_id,
+        "num_gpus": num_gpus,
+        "gpu_name": gpu,
+        "gpu_ram": gpu_ram_mb,
+        "gpu_total_ram": gpu_ram_mb * num_gpus,
+        "compute_cap": 890,
+        "cuda_max_good": 12.8,
+        "cpu_cores_effective": 16.0,
+        "cpu_ram": 128_000,
+        "disk_space": disk,
+        "disk_bw": 2000.0,
+        "inet_up": 800.0,
+        "inet_down": 900.0,
+        "direct_port_count": 20,
+        "dph_base": round(price * 0.9, 4),
+        "dph_total": price,
+        "min_bid": round(price * 0.5, 4),
+        "storage_cost": 0.15,
+        "reliability": 0.995,
+        "reliability2": 0.995,
+        "dlperf": 50.0,
+        "geolocation": "Testland, TL",
+        "verified": True,
+        "rentable": True,
+        "rented": False,
+        "external": False,
+        "hosting_type": 1,
+    }
+    offer.update(extra)
+    return offer
+
+
+def default_offers() -> list[dict[str, Any]]:
+    return [
+        make_offer(101, "RTX 3090", 1, 24_576, 0.21),
+        make_offer(102, "RTX 3090", 1, 24_576, 0.24),
+        make_offer(103, "RTX 4090", 1, 24_564, 0.41),
+        make_offer(104, "H200", 1, 143_771, 2.35),
+        make_offer(105, "A100 SXM4", 1, 81_920, 1.05, disk=150.0),
+        make_offer(106, "RTX 3090", 1, 24_576, 0.19, verified=False),
+    ]
+
+
+@dataclass
+class Fault:
+    method: str
+    path: str  # regex on the path
+    status: int
+    body: dict[str, Any]
+    times: int = 1
+    headers: dict[str, str] = field(default_factory=dict)
+    after: bool = False  # do the work, then answer with the fault (a lost answer)
+
+
+class FakeVast:
+    def __init__(
+        self,
+        box_factory: Callable[[int], Any] | None = None,
+        api_key: str = API_KEY,
+        created_s: float = 0.3,
+        loading_s: float = 0.6,
+    ) -> None:
+        self.api_key = api_key
+        self.box_factory = box_factory
+        self.created_s = created_s
+        self.loading_s = loading_s
+        self.offers = default_offers()
+        self.instances: dict[int, dict[str, Any]] = {}
+        self.boxes: dict[int, Any] = {}
+        self.faults: list[Fault] = []
+        self.requests: list[tuple[str, str, Any]] = []
+        self.boot_failures = 0  # the next N created instances fail to boot
+        self.lock = threading.RLock()
+        self._next_id = 5_000_000
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> FakeVast:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        for box in list(self.boxes.values()):
+            box.close()
+
+    def inject(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        body: Any = None,
+        times: int = 1,
+        headers: dict[str, str] | None = None,
+        after: bool = False,
+    ) -> None:
+        if body is None:
+            body = {"success": False, "error": "fault"}
+        self.faults.append(Fault(method, path, status, body, times, headers or {}, after))
+
+    def calls(self, method: str, path_regex: str) -> list[Any]:
+        return [b for m, p, b in self.requests if m == method and re.search(path_regex, p)]
+
+    # -- the state machine ------------------------------------------------------------------
+
+    def _advance(self, inst: dict[str, Any]) -> None:
+        age = time.time() - inst["_created"]
+        if inst["intended_status"] == "stopped" or inst["actual_status"] in (
+            "exited",
+            "running",
+            "stopped",
+        ):
+            return
+        if age < self.created_s:
+            inst["actual_status"], inst["cur_state"] = None, "running"
+        elif age < self.created_s + self.loading_s:
+            inst["actual_status"], inst["status_msg"] = "loading", "Pulling image"
+        elif inst["_fail_boot"]:
+            inst["actual_status"] = "exited"
+            inst["status_msg"] = (
+                "Error response from daemon: OCI runtime create failed: container init failed"
+            )
+        else:
+            self._boot(inst)
+
+    def _boot(self, inst: dict[str, Any]) -> None:
+        port = 0
+        if self.box_factory is not None:
+            box = self.box_factory(inst["id"])
+            self.boxes[inst["id"]] = box
+            port = box.port
+        inst.update(
+            actual_status="running",
+            status_msg="success, running",
+            ssh_host="127.0.0.1",
+            ssh_port=port,
+            public_ipaddr="127.0.0.1",
+            ports={"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(port)}]},
+        )
+
+    def _row(self, inst: dict[str, Any]) -> dict[str, Any]:
+        self._advance(inst)
+        row = {k: v for k, v in inst.items() if not k.startswith("_")}
+        row["uptime_mins"] = 12_345.0  # accumulated across renters: meaningless for a job
+        return row
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _reply(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _handle(self, method: str) -> None:
+                parts = urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                body = json.loads(raw) if raw else None
+                with fake.lock:
+                    fake.requests.append((method, parts.path, body))
+                    for fault in fake.faults:
+                        if (
+                            fault.times > 0
+                            and fault.method == method
+                            and re.search(fault.path, parts.path)
+                        ):
+                            fault.times -= 1
+                            if fault.after:
+                                fake.route(method, parts.path, parse_qs(parts.query), body)
+                            return self._reply(fault.status, fault.body, fault.headers)
+                    if self.headers.get("Authorization") != f"Bearer {fake.api_key}":
+                        return self._reply(
+                            404,
+                            {"success": False, "error": "auth_error", "msg": "Invalid user key"},
+                        )
+                    status, answer = fake.route(method, parts.path, parse_qs(parts.query), body)
+                return self._reply(status, answer)
+
+            def do_GET(self) -> None:
+                self._handle("GET")
+
+            def do_POST(self) -> None:
+                self._handle("POST")
+
+            def do_PUT(self) -> None:
+                self._handle("PUT")
+
+            def do_DELETE(self) -> None:
+                self._handle("DELETE")
+
+        return Handler
+
+    def route(
+        self, method: str, path: str, query: dict[str, list[str]], body: Any
+    ) -> tuple[int, Any]:
+        if method == "POST" and path == "/api/v0/bundles/":
+            return 200, {"offers": self._search(body or {})}
+        m = re.fullmatch(r"/api/v0/asks/(\d+)/", path)
+        if m and method == "PUT":
+            return self._create(int(m[1]), body or {})
+        if path == "/api/v1/instances/" and method == "GET":
+            return 200, self._page(query)
+        if path == "/api/v0/instances/" and method == "GET":
+            return 410, {
+                "success": False,
+                "error": "deprecated_endpoint",
+                "msg": "use /api/v1/instances/",
+            }
+        m = re.fullmatch(r"/api/v0/instances/(\d+)/", path)
+        if m:
+            iid = int(m[1])
+            inst = self.instances.get(iid)
+            if method == "GET":
+                return 200, {"instances": self._row(inst) if inst else None}
+            if inst is None:
+                return 404, {
+                    "success": False,
+                    "error": "no_such_instance",
+                    "msg": f"Instance {iid} not found.",
+                }
+            if method == "DELETE":
+                self.instances.pop(iid)
+                box = self.boxes.pop(iid, None)
+                if box is not None:
+                    box.close()
+                return 200, {"success": True}
+            if method == "PUT":
+                return self._change(inst, body or {})
+        m = re.fullmatch(r"/api/v0/instances/(\d+)/ssh/", path)
+        if m and method == "POST":
+            return (
+                (200, {"success": True})
+                if int(m[1]) in self.instances
+                else (404, {"success": False, "error": "no_such_instance"})
+            )
+        return 404, {"success": False, "error": "not_found", "msg": f"{method} {path}"}
+
+    def _search(self, q: dict[str, Any]) -> list[dict[str, Any]]:
+        control = {"order", "type", "limit", "allocated_storage", "disable_bundling"}
+        out = [
+            o
+            for o in self.offers
+            if all(_match(o.get(k), ops) for k, ops in q.items() if k not in control)
+        ]
+        for field_name, direction in reversed(q.get("order") or []):
+            out.sort(key=lambda o: o.get(field_name) or 0, reverse=direction == "desc")
+        if q.get("limit"):
+            out = out[: int(q["limit"])]
+        return out
+
+    def _create(self, offer_id: int, body: dict[str, Any]) -> tuple[int, Any]:
+        for key in ("client_id", "image", "env", "disk", "label", "onstart", "runtype"):
+            if key not in body:
+                return 400, {"success": False, "error": "invalid_args", "msg": f"missing {key}"}
+        offer = next((o for o in self.offers if o["id"] == offer_id), None)
+        if offer is None or offer["rented"]:
+            return 404, {
+                "success": False,
+                "error": "no_such_ask",
+                "msg": f"Offer {offer_id} is not available.",
+            }
+        offer["rented"] = True
+        offer["rentable"] = False
+        self._next_id += 1
+        iid = self._next_id
+        fail = self.boot_failures > 0
+        self.boot_failures -= int(fail)
+        self.instances[iid] = {
+            "id": iid,
+            "machine_id": offer["machine_id"],
+            "actual_status": None,
+            "cur_state": "running",
+            "next_state": "running",
+            "intended_status": "running",
+            "status_msg": None,
+            "label": body["label"],
+            "num_gpus": offer["num_gpus"],
+            "gpu_name": offer["gpu_name"],
+            "gpu_util": 0.0,
+            "gpu_temp": 35.0,
+            "cuda_max_good": offer["cuda_max_good"],
+            "cpu_ram": offer["cpu_ram"],
+            "disk_space": float(body["disk"]),
+            "disk_util": 0.0,
+            "disk_usage": 0.0,
+            "ssh_host": None,
+            "ssh_port": None,
+            "public_ipaddr": None,
+            "ports": {},
+            "extra_env": [[k, v] for k, v in (body.get("env") or {}).items()],
+            "onstart": body["onstart"],
+            "image_uuid": body["image"],
+            "start_date": time.time(),
+            "dph_total": offer["dph_total"],
+            "reliability2": offer["reliability2"],
+            "geolocation": offer["geolocation"],
+            "_created": time.time(),
+            "_fail_boot": fail,
+        }
+        return 200, {"success": True, "new_contract": iid}
+
+    def _page(self, query: dict[str, list[str]]) -> dict[str, Any]:
+        limit = int(json.loads(query.get("limit", ["25"])[0]))
+        ids = sorted(self.instances)
+        after = query.get("after_token", [None])[0]
+        start = ids.index(int(after)) + 1 if after else 0
+        page = ids[start : start + limit]
+        more = start + limit < len(ids)
+        return {
+            "instances": [self._row(self.instances[i]) for i in page],
+            "next_token": str(page[-1]) if more and page else None,
+            "total_instances": len(ids),
+        }
+
+    def _change(self, inst: dict[str, Any], body: dict[str, Any]) -> tuple[int, Any]:
+        if "label" in body:
+            inst["label"] = body["label"]
+        if body.get("state") == "stopped":
+            inst.update(intended_status="stopped", actual_status="stopped", cur_state="stopped")
+            box = self.boxes.pop(inst["id"], None)
+            if box is not None:
+                box.close()  # stopping kills every process on the box at once
+        elif body.get("state") == "running":
+            inst.update(
+                intended_status="running",
+                actual_status=None,
+                cur_state="running",
+                _created=time.time(),
+            )
+        return 200, {"success": True}
+
+
+def _match(value: Any, ops: Any) -> bool:
+    if not isinstance(ops, dict):
+        return value == ops
+    for op, raw in ops.items():
+        want = _coerce(raw, value)
+        if op in ("eq",) and value != want:
+            return False
+        if op == "neq" and value == want:
+            return False
+        if value is None and op in ("gt", "gte", "lt", "lte"):
+            return False
+        if op == "gt" and not value > want:
+            return False
+        if op == "gte" and not value >= want:
+            return False
+        if op == "lt" and not value < want:
+            return False
+        if op == "lte" and not value <= want:
+            return False
+        if op == "in" and value not in _typed(want, value):
+            return False
+        if op in ("notin", "nin") and value in _typed(want, value):
+            return False
+    return True
+
+
+def _coerce(want: Any, like: Any) -> Any:
+    """The SDK sends most numbers as strings ("1", "12.4"); the service compares them as numbers."""
+    if isinstance(want, str) and isinstance(like, (int, float)) and not isinstance(like, bool):
+        try:
+            return float(want)
+        except ValueError:
+            return want
+    return want
+
+
+def _typed(values: list[Any], like: Any) -> list[Any]:
+    """The SDK sends list members as strings; compare them as the field's type."""
+    try:
+        return [type(like)(v) for v in values] if like is not None else values
+    except (TypeError, ValueError):
+        return values

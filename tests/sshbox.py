@@ -1,0 +1,122 @@
+"""Real OpenSSH servers on 127.0.0.1 standing in for rented boxes.
+
+Each box is an `sshd` on a free port with a throwaway host key, accepting one test key for root,
+with its workspace in a temp dir (passed to abfleet through SetEnv ABFLEET_REMOTE_ROOT), and the
+test interpreter as the box's Python with torch (ABFLEET_PYTHON): nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_keypair(directory: Path, name: str = "id_ed25519") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    key = directory / name
+    if not key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    key.chmod(0o600)
+    return key
+
+
+@dataclass
+class SshBox:
+    directory: Path
+    port: int
+    authorized_key: Path
+    root: Path = field(init=False)
+    proc: subprocess.Popen | None = None
+
+    def __post_init__(self) -> None:
+        self.root = self.directory / "workspace"
+        self.root.mkdir(parents=True, exist_ok=True)
+        host_key = self.directory / "host_ed25519"
+        if not host_key.exists():
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True
+            )
+        (self.directory / "authorized_keys").write_text(
+            Path(str(self.authorized_key) + ".pub").read_text()
+        )
+        python = sys.executable
+        path = os.pathsep.join(
+            [str(Path(python).parent), "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"]
+        )
+        (self.directory / "sshd_config").write_text(
+            f"""Port {self.port}
+ListenAddress 127.0.0.1
+HostKey {host_key}
+PidFile {self.directory}/sshd.pid
+AuthorizedKeysFile {self.directory}/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+PermitRootLogin prohibit-password
+StrictModes no
+UsePAM no
+PrintMotd no
+Subsystem sftp internal-sftp
+SetEnv ABFLEET_REMOTE_ROOT={self.root} ABFLEET_PYTHON={python} PATH={path} HOME={self.directory}/home
+"""
+        )
+        (self.directory / "home").mkdir(exist_ok=True)
+
+    def start(self) -> SshBox:
+        Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
+        self.proc = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(self.directory / "sshd_config")],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.directory / "sshd.log", "ab"),  # noqa: SIM115 - lives as long as the server
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+            ):
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"sshd did not start; see {self.directory / 'sshd.log'}")
+
+    def kill(self) -> None:
+        """Kill the server and every session it forked (a cut connection, as on a real box)."""
+        import psutil
+
+        if self.proc is None:
+            return
+        with contextlib.suppress(psutil.NoSuchProcess):
+            listener = psutil.Process(self.proc.pid)
+            for child in listener.children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+            listener.kill()
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def stop_workers(self) -> None:
+        """Kill worker processes this box started (their pid files are in its workspace)."""
+        for pidfile in self.root.rglob("worker-*.pid"):
+            with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
+                os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+
+    def close(self) -> None:
+        self.stop_workers()
+        self.kill()

@@ -1,0 +1,185 @@
+"""Sizing against config.json files written from published architecture figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from abfleet.sizing import plan, shape_from_config
+
+LLAMA_31_8B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
+LLAMA_31_70B = {
+    "model_type": "llama",
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
+QWEN25_32B = {
+    "model_type": "qwen2",
+    "hidden_size": 5120,
+    "intermediate_size": 27648,
+    "num_hidden_layers": 64,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "vocab_size": 152064,
+    "tie_word_embeddings": False,
+}
+MISTRAL_7B_V03 = {
+    "model_type": "mistral",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32768,
+    "tie_word_embeddings": False,
+}
+MIXTRAL_8X7B = {
+    "model_type": "mixtral",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "tie_word_embeddings": False,
+}
+GEMMA3_12B = {
+    "model_type": "gemma3",
+    "text_config": {
+        "model_type": "gemma3_text",
+        "hidden_size": 3840,
+        "intermediate_size": 15360,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 256,
+        "vocab_size": 262208,
+    },
+    "vision_config": {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "patch_size": 14,
+        "image_size": 896,
+    },
+}
+QWEN3_30B_A3B = {
+    "model_type": "qwen3_moe",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "tie_word_embeddings": False,
+}
+
+# Parameter counts published on the models' pages (safetensors totals).
+PUBLISHED = [
+    ("Llama-3.1-8B", LLAMA_31_8B, 8_030_261_248),
+    ("Llama-3.1-70B", LLAMA_31_70B, 70_553_706_496),
+    ("Qwen2.5-32B", QWEN25_32B, 32_763_876_352),
+    ("Mistral-7B-v0.3", MISTRAL_7B_V03, 7_248_023_552),
+    ("Mixtral-8x7B", MIXTRAL_8X7B, 46_702_792_704),
+    ("Gemma-3-12B", GEMMA3_12B, 12_187_325_040),
+    ("Qwen3-30B-A3B", QWEN3_30B_A3B, 30_532_122_624),
+]
+
+
+@pytest.mark.parametrize(("name", "config", "published"), PUBLISHED, ids=[p[0] for p in PUBLISHED])
+def test_parameter_count_within_two_percent_of_published(name, config, published):
+    shape = shape_from_config(config)
+    assert abs(shape.params - published) / published < 0.02, (name, shape.params)
+
+
+def test_disk_follows_formula_and_field_minimums():
+    small = plan(shape_from_config(LLAMA_31_8B), "llama-8b")
+    assert small.disk_gb == 60  # 2 x 16.1 GB + 20 = 52.1 -> rounded up to 60
+    big = plan(shape_from_config(QWEN25_32B), "qwen-32b")
+    assert big.disk_gb == 200  # 2 x 65.5 + 20 = 151 -> raised to the 32B minimum
+    huge = plan(shape_from_config(LLAMA_31_70B), "llama-70b")
+    assert huge.disk_gb == 310  # 2 x 141.1 + 20 = 302.2 -> 310 (above the 300 minimum)
+    assert any("field minimum" in r for r in big.reasons)
+
+
+def test_the_choice_is_the_lowest_estimated_job_cost_that_fits():
+    for config in (LLAMA_31_8B, QWEN25_32B, LLAMA_31_70B, MIXTRAL_8X7B, GEMMA3_12B):
+        p = plan(shape_from_config(config), "m")
+        chosen = next(c for c in p.candidates if c["gpu"] == p.gpu and c["count"] == p.gpu_count)
+        assert chosen["est_job_cost"] == min(c["est_job_cost"] for c in p.candidates)
+        usable = p.gpu_count * p.gpu_memory_each_gb * 0.9
+        resident = p.gpu_memory_gb - (p.memory_parts["reset copy"] if p.reset_copy == "cpu" else 0)
+        assert resident <= usable
+        assert all(len(r.splitlines()) == 1 for r in p.reasons)
+    # The tiers people settled on: an 8B model on one 24 GB card (reset copy in host memory),
+    # a 32B model needs more than an 80 GB card, 70B needs two large cards.
+    p8 = plan(shape_from_config(LLAMA_31_8B), "llama-8b")
+    assert (p8.gpu_count, p8.gpu_memory_each_gb, p8.reset_copy) == (1, 24, "cpu")
+    p32 = plan(shape_from_config(QWEN25_32B), "qwen-32b")
+    assert p32.gpu_memory_gb > 85 and p32.gpu_memory_each_gb > 80 and p32.gpu_count == 1
+    p70 = plan(shape_from_config(LLAMA_31_70B), "llama-70b")
+    assert p70.gpu_count * p70.gpu_memory_each_gb >= 160
+    moe = plan(shape_from_config(MIXTRAL_8X7B), "mixtral")
+    assert moe.memory_parts["weights"] > 93  # all experts count: 46.7B params in bf16
+
+
+def test_reset_copy_counts_only_the_touched_matrices():
+    shape = shape_from_config(LLAMA_31_8B)
+    per_layer = 4096 * 4096 + 14336 * 4096  # o_proj + down_proj
+    assert shape.touched_params == 32 * per_layer
+    moe = shape_from_config(MIXTRAL_8X7B)
+    assert moe.touched_params == 32 * (4096 * 4096 + 8 * 14336 * 4096)
+
+
+def test_size_command_json_on_a_local_directory(tiny_model_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "abfleet", "size", str(tiny_model_dir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    # Exact count from the safetensors header of the tiny model.
+    from safetensors.torch import load_file
+
+    exact = sum(t.numel() for t in load_file(tiny_model_dir / "model.safetensors").values())
+    assert data["params"] == exact and data["params_source"] == "safetensors metadata"
+    assert data["disk_gb"] >= 20 and data["gpu"] is not None
+
+
+def test_size_command_text_output_explains_every_figure(tiny_model_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "abfleet", "size", str(tiny_model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for word in ("parameters", "weights", "disk", "GPU memory", "GPU", "rounded up"):
+        assert word in proc.stdout
