@@ -138,7 +138,14 @@ def _repack_installed(out: Path) -> None:
 
 
 def install(box: Box, wheel: Path, timeout: float = 1800) -> str:
-    """Upload and install the wheel; fail unless the box reports this exact build."""
+    """Upload and install the wheel; fail unless the box reports this exact build.
+
+    A box that already runs this exact build (same version and source hash) is left as it is.
+    """
+    here = version_string()
+    current = box.remote.run([box.abfleet, "worker", "--version"], timeout=120, check=False)
+    if current.ok and current.stdout.strip().splitlines()[-1:] == [here]:
+        return here
     remote_wheel = f"{box.root}/wheels/{wheel.name}"
     box.remote.put(wheel, remote_wheel)
     result = run_script(
@@ -150,7 +157,6 @@ def install(box: Box, wheel: Path, timeout: float = 1800) -> str:
         tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
         raise RemoteError(f"installing abfleet on {box.remote.label} failed: {tail}")
     there = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    here = version_string()
     if there != here:
         raise RemoteError(
             f"{box.remote.label} runs {there!r} after install, but this controller is {here!r}"
