@@ -10,6 +10,7 @@ import pytest
 from abfleet import manifest
 from abfleet.core import search
 from abfleet.core.pipeline import LogReporter, RunOptions, run_job
+from abfleet.core.result import choose_trial, pareto_front
 from abfleet.errors import UserError
 from abfleet.jobs import load_job
 from abfleet.rundir import RunDir
@@ -111,11 +112,11 @@ def test_choice_rule_and_pareto_front():
         frozen(3, 5, 0.2),
         frozen(4, 9, 0.3),
     ]
-    choice = search.choose_trial(trials, kl_limit=0.5)
+    choice = choose_trial(trials, kl_limit=0.5)
     assert choice.trial.number == 3 and choice.within_limit  # 5 refusals, tie broken by lower KL
-    assert search.choose_trial(trials, 0.5, trial_number=1).trial.number == 1
+    assert choose_trial(trials, 0.5, trial_number=1).trial.number == 1
     with pytest.raises(UserError):
-        search.choose_trial(trials, 0.5, trial_number=42)
-    fallback = search.choose_trial(trials, kl_limit=0.001)
+        choose_trial(trials, 0.5, trial_number=42)
+    fallback = choose_trial(trials, kl_limit=0.001)
     assert fallback.trial.number == 0 and not fallback.within_limit
-    assert [t.number for t in search.pareto_front(trials)] == [1, 3, 0]
+    assert [t.number for t in pareto_front(trials)] == [1, 3, 0]

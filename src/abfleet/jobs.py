@@ -165,8 +165,10 @@ class Job:
     def fingerprint(self, prompts: dict[str, list[str]]) -> str:
         """What makes two runs comparable: same model, prompts, markers, and scoring."""
         s = self.spec
+        from abfleet.core.source import model_identity
+
         payload = {
-            "model": s.model,
+            "model": model_identity(s.model),
             "system_prompt": s.system_prompt,
             "markers": s.markers,
             "prompts": {

@@ -352,8 +352,13 @@ def submit(
     workers: int = 1,
     gpus: list[str] | None = None,
     extra_env: dict[str, str] | None = None,
+    study_file: Path | None = None,
 ) -> RunRecord:
-    """Send the job (and a local model) to the box and start its worker(s)."""
+    """Send the job (and a local model) to the box and start its worker(s).
+
+    A copy of the job stays in the local run folder (for `abfleet resume`); study_file, a
+    backed-up study, continues that study on this box.
+    """
     from abfleet.core.source import materialize, resolve_source
 
     run_dir = box.run_dir(run)
@@ -375,6 +380,10 @@ def submit(
         upload_tree(box.remote, staging, run_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if study_file is not None:
+        box.remote.put(study_file, f"{run_dir}/study.db")
+    local = local_run_dir(run)
+    bundle(job, local / "job", model=job.spec.model)
     write_env(box, run_dir, {**secret_env(), **(extra_env or {})})
     pids = []
     for index in range(workers):
@@ -382,8 +391,6 @@ def submit(
         args = ("--secondary",) if index > 0 else ()
         pids.append(start_worker(box, run_dir, index, gpu, args))
     say(f"worker(s) started on {box.remote.label}: pid {', '.join(map(str, pids))}")
-    local = local_run_dir(run)
-    local.mkdir(parents=True, exist_ok=True)
     record = RunRecord(
         name=run,
         job=job.name,

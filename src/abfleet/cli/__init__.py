@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -10,12 +11,41 @@ from abfleet.buildinfo import version_string
 from abfleet.console import error
 from abfleet.errors import AbfleetError
 
+# Subcommands in the order a user meets them, each imported only when it runs: `abfleet worker
+# report` (every dashboard refresh) must not pay for SSH and cloud libraries it never uses.
+COMMANDS = {
+    "run": "abfleet.cli.run:run_cmd",
+    "size": "abfleet.cli.run:size_cmd",
+    "offers": "abfleet.cli.fleet:offers_cmd",
+    "launch": "abfleet.cli.fleet:launch_cmd",
+    "create": "abfleet.cli.fleet:create_cmd",
+    "setup": "abfleet.cli.fleet:setup_cmd",
+    "submit": "abfleet.cli.fleet:submit_cmd",
+    "list": "abfleet.cli.fleet:list_cmd",
+    "attach-key": "abfleet.cli.fleet:attach_key_cmd",
+    "status": "abfleet.cli.monitor:status_cmd",
+    "progress": "abfleet.cli.monitor:progress_cmd",
+    "logs": "abfleet.cli.monitor:logs_cmd",
+    "watch": "abfleet.cli.monitor:watch_cmd",
+    "backup": "abfleet.cli.monitor:backup_cmd",
+    "download": "abfleet.cli.monitor:download_cmd",
+    "resume": "abfleet.cli.monitor:resume_cmd",
+    "start": "abfleet.cli.monitor:start_cmd",
+    "stop": "abfleet.cli.monitor:stop_cmd",
+    "destroy": "abfleet.cli.monitor:destroy_cmd",
+    "worker": "abfleet.cli.worker:worker",
+}
+
 
 class _Group(click.Group):
-    """Subcommands listed in the order they were added (the order a user meets them)."""
-
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(self.commands)
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, _, attr = COMMANDS[name].partition(":")
+        return getattr(importlib.import_module(module), attr)
 
 
 @click.group(
@@ -35,19 +65,8 @@ def cli(ctx: click.Context, verbose: bool, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-def _register() -> None:
-    from abfleet.cli import fleet, run, worker
-
-    cli.add_command(run.run_cmd)
-    cli.add_command(run.size_cmd)
-    for command in fleet.COMMANDS:
-        cli.add_command(command)
-    cli.add_command(worker.worker)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every failure is one line on stderr and a non-zero exit code."""
-    _register()
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:

@@ -315,6 +315,3 @@ def attach_key_cmd(instance: str | None, key_file: str | None) -> None:
         raise UserError(f"{path} does not exist: pass --key PATH.pub")
     get_provider("vast").attach_key(record.instance_id or "", path.read_text().strip())  # type: ignore[attr-defined]
     console.print(f"attached {path.name} to instance {record.instance_id}")
-
-
-COMMANDS = [offers_cmd, launch_cmd, create_cmd, setup_cmd, submit_cmd, list_cmd, attach_key_cmd]

@@ -59,6 +59,16 @@ def worker_run(run_dir: Path, index: int, secondary: bool, resume: bool, no_crea
     sys.exit(0 if result.state == "done" else 130)
 
 
+@worker.command("backup")
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def worker_backup(run_dir: Path, out: Path) -> None:
+    """Write a consistent SQLite copy of the run's study to OUT; print what it holds (JSON)."""
+    from abfleet.backup import backup_study
+
+    click.echo(json.dumps(backup_study(run_dir.resolve(), out)))
+
+
 @worker.command("report")
 @click.option("--run-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the snapshot as JSON (the default).")

@@ -30,6 +30,7 @@ from abfleet.core.evaluate import Evaluator, Scores
 from abfleet.core.export import export_model
 from abfleet.core.markers import MarkerMatcher
 from abfleet.core.model import LoadedModel, load_model, materialize, resolve_source
+from abfleet.core.result import choose_trial, completed, pareto_front
 from abfleet.errors import AbfleetError, UserError
 from abfleet.jobs import HEAD_STORAGE, Job
 from abfleet.rundir import RunDir, StatusWriter
@@ -246,8 +247,9 @@ def _run(
         )
         reporter.trial(outcome, complete, settings.n_trials)
 
-    def on_start(number: int) -> None:
-        status.update(current_trial=number, current_trial_started=time.time())
+    def on_start(trial: Any) -> None:
+        trial.set_user_attr("worker", label)  # so progress shows who runs which trial
+        status.update(current_trial=trial.number, current_trial_started=time.time())
 
     trials_here = search.run_trials(
         study,
@@ -261,13 +263,13 @@ def _run(
     )
     status.update(current_trial=None)
     timings["search"] = time.monotonic() - t0
-    trials = search.completed(study)
+    trials = completed(study)
     result = RunResult(
         state="searching",
         study_name=job.study_name,
         storage_url=url,
         baseline=baseline,
-        pareto=[trial_row(t) for t in search.pareto_front(trials)],
+        pareto=[trial_row(t) for t in pareto_front(trials)],
         trials_here=trials_here,
         complete=len(trials),
         n_trials=settings.n_trials,
@@ -286,7 +288,7 @@ def _run(
 
     _set_phase(status, reporter, "exporting", "")
     t0 = time.monotonic()
-    choice = search.choose_trial(trials, spec.result.kl_limit, spec.result.trial)
+    choice = choose_trial(trials, spec.result.kl_limit, spec.result.trial)
     params = search.params_from_trial(choice.trial, ablator.n_layers)
     ablator.apply(params, directions)
     chosen = {

@@ -89,6 +89,31 @@ def _gguf_in_dir(path: Path) -> ModelSource:
     return ModelSource("gguf", str(path.resolve()), files[0].name)
 
 
+def model_identity(spec: str) -> str:
+    """What a model *is*, not where it lies: the same weights uploaded to another folder or
+    box keep the same identity, so a resumed study still matches its job."""
+    import hashlib
+
+    try:
+        source = resolve_source(spec)
+    except UserError:
+        return spec
+    if source.kind == "dir":
+        path = Path(source.location)
+        digest = hashlib.sha256((path / "config.json").read_bytes())
+        for weights in sorted(p for g in _WEIGHT_GLOBS for p in path.glob(g)):
+            digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+        return f"dir:{digest.hexdigest()[:16]}"
+    if source.kind == "gguf":
+        file = Path(source.location) / (source.gguf_file or "")
+        return f"gguf:{file.name}:{file.stat().st_size}"
+    if source.kind == "demo":
+        from abfleet.demo.refusal_tune import recipe_hash
+
+        return f"demo:{source.location}:{recipe_hash()}"
+    return spec
+
+
 def materialize(source: ModelSource, progress: Any = None) -> ModelSource:
     """Turn a demo source into the local directory it is built in (building it if needed)."""
     if source.kind != "demo":

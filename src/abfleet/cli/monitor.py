@@ -1,0 +1,468 @@
+"""Commands for a running or finished job: status, progress, logs, watch, backup, download,
+resume, and the guarded start, stop and destroy."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from abfleet import launcher
+from abfleet.cli.fleet import choose_fn, confirm_fn, say
+from abfleet.console import console, err_console, is_interactive, setup_logging
+from abfleet.errors import AbfleetError, Declined
+from abfleet.ledger import Ledger
+from abfleet.monitor import Session, Target, pick_run, require_run
+from abfleet.render import fmt_kl, fmt_refusals
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+run_option = click.option(
+    "--run", "run_name", help="Which run on the instance (default: its latest)."
+)
+
+
+def _target(ledger: Ledger, instance: str | None, run_name: str | None = None) -> Target:
+    record = launcher.resolve_instance(ledger, instance, choose_fn())
+    return Target(record, pick_run(ledger, record, run_name))
+
+
+def _provider_for(record: Any) -> Any:
+    from abfleet.providers import get_provider
+
+    return get_provider(record.provider)
+
+
+def _note_state(ledger: Ledger, target: Target, snap: dict[str, Any]) -> None:
+    if target.run is not None and snap.get("state"):
+        ledger.update_run(target.run.name, state=snap["state"])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@click.command("status")
+@click.argument("instance", required=False)
+@run_option
+@json_option
+def status_cmd(instance: str | None, run_name: str | None, as_json: bool) -> None:
+    """The instance (provider state, GPU, $/h) and its run (state, trials)."""
+    ledger = Ledger()
+    target = _target(ledger, instance, run_name)
+    rec = target.instance
+    live = _provider_for(rec).get(rec.instance_id or "")
+    data: dict[str, Any] = {
+        "instance": {
+            "id": rec.instance_id,
+            "provider": rec.provider,
+            "label": rec.label,
+            "state": live.state if live else "gone",
+            "detail": (live.status_msg if live else "") or (live.raw_state if live else ""),
+            "gpu": f"{rec.gpu_count}x {rec.gpu_name}",
+            "price_per_hour": rec.price_per_hour,
+            "ssh": f"{live.ssh_user}@{live.ssh_host}:{live.ssh_port}"
+            if live and live.ssh_host
+            else None,
+            "created_at": rec.created_at,
+        },
+        "run": None,
+    }
+    if target.run is not None:
+        run = target.run
+        data["run"] = {
+            "name": run.name,
+            "job": run.job,
+            "model": run.model,
+            "remote_dir": run.remote_dir,
+            "downloaded": bool(run.verified),
+            "last_backup_at": run.last_backup_at,
+        }
+        if live and live.ssh_ready:
+            session = Session(target)
+            try:
+                snap = session.snapshot()
+            finally:
+                session.close()
+            _note_state(ledger, target, snap)
+            data["run"].update(
+                state=snap["state"],
+                reason=snap.get("reason"),
+                trials=snap["trials"],
+                eta_s=snap.get("eta_s"),
+            )
+    if as_json:
+        click.echo(json.dumps(data, indent=1, default=str))
+        return
+    i = data["instance"]
+    console.print(
+        f"instance [bold]{i['id']}[/] ({i['provider']}) {i['label']}: {i['state']} {i['detail']}"
+    )
+    console.print(f"  {i['gpu']}, {i['price_per_hour'] or 0:.3f} $/h, ssh {i['ssh'] or '-'}")
+    r = data["run"]
+    if r:
+        trials = r.get("trials") or {}
+        console.print(
+            f"run [bold]{r['name']}[/] ({r['job']} on {r['model']}): {r.get('state', 'unknown')}"
+            + (f", {trials.get('complete', 0)}/{trials.get('total')} trials" if trials else "")
+            + (f" ({r['reason']})" if r.get("reason") else "")
+        )
+
+
+@click.command("progress")
+@click.argument("instance", required=False)
+@run_option
+@json_option
+@click.option("--no-backup", is_flag=True, help="Do not copy the study and logs here.")
+def progress_cmd(
+    instance: str | None, run_name: str | None, as_json: bool, no_backup: bool
+) -> None:
+    """Trials, Pareto front (refusals k/n, KL), ETA and workers of a run, in one SSH round trip.
+
+    Also copies a consistent snapshot of the study and the logs into the local run folder.
+    """
+    ledger = Ledger()
+    target = _target(ledger, instance, run_name)
+    require_run(target)
+    session = Session(target)
+    try:
+        snap = session.snapshot()
+        backup = None if no_backup else session.backup(ledger, snap)
+    finally:
+        session.close()
+    _note_state(ledger, target, snap)
+    if as_json:
+        click.echo(json.dumps({**snap, "backup": backup}, default=str))
+        return
+    t = snap["trials"]
+    console.print(
+        f"run [bold]{target.run.name}[/]: {snap['state']}"  # type: ignore[union-attr]
+        + (f" ({snap['reason']})" if snap.get("reason") else "")
+        + f", {t.get('complete', 0)}/{t.get('total')} trials, {t.get('running', 0)} running, {t.get('failed', 0)} failed"
+    )
+    if snap.get("median_trial_s"):
+        console.print(f"median {snap['median_trial_s']} s/trial, ETA {_hms(snap.get('eta_s'))}")
+    base = snap.get("baseline")
+    if base:
+        console.print(f"before: refusals {fmt_refusals(base['refusals'], base['n_bad'])}")
+    table = Table(title="Pareto front", title_justify="left")
+    for col in ("trial", "refusals", "KL", "degenerate", "worker"):
+        table.add_column(col, justify="right")
+    for p in snap.get("pareto", []):
+        table.add_row(
+            str(p["trial"]),
+            fmt_refusals(p["refusals"], p["n_bad"]),
+            fmt_kl(p["kl"]),
+            str(p["degenerate"]),
+            str(p.get("worker") or "-"),
+        )
+    console.print(table)
+    if len(snap.get("workers", [])) > 1:
+        from abfleet.dashboard import _workers
+
+        console.print(_workers(snap, time.time()))
+    if backup:
+        console.print(
+            f"study backed up to {Path(target.run.local_dir) / 'study.db'} ({backup.get('complete', 0)} trials)"
+        )  # type: ignore[union-attr]
+
+
+def _hms(seconds: float | None) -> str:
+    from abfleet.dashboard import hms
+
+    return hms(seconds)
+
+
+@click.command("logs")
+@click.argument("instance", required=False)
+@run_option
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (Ctrl+C to stop).")
+@click.option("--worker", "worker_index", default=0, show_default=True)
+@click.option("-n", "--lines", default=40, show_default=True)
+@json_option
+def logs_cmd(
+    instance: str | None,
+    run_name: str | None,
+    follow: bool,
+    worker_index: int,
+    lines: int,
+    as_json: bool,
+) -> None:
+    """The worker's log on the box."""
+    ledger = Ledger()
+    target = _target(ledger, instance, run_name)
+    run = require_run(target)
+    path = f"{run.remote_dir}/worker-{worker_index}.log"
+    session = Session(target)
+    try:
+        out = session.remote.run(["tail", "-n", str(lines), path], timeout=60, check=False)
+        if out.code != 0:
+            raise AbfleetError(f"no log at {path} on the box yet")
+        if as_json:
+            click.echo(json.dumps({"path": path, "lines": out.stdout.splitlines()}))
+            return
+        click.echo(out.stdout, nl=False)
+        if not follow:
+            return
+        offset = int(session.remote.run(["stat", "-c", "%s", path], timeout=60).stdout.strip())
+        try:
+            while True:
+                chunk = session.read_from(path, offset)
+                if chunk:
+                    offset += len(chunk)
+                    click.echo(chunk.decode("utf-8", errors="replace"), nl=False)
+                else:
+                    time.sleep(1)
+        except KeyboardInterrupt:
+            return
+    finally:
+        session.close()
+
+
+@click.command("watch")
+@click.argument("instance", required=False)
+@run_option
+@click.option(
+    "--every", "interval", default=5.0, show_default=True, help="Seconds between refreshes."
+)
+@click.option("--once", is_flag=True, help="Render one snapshot and exit (no terminal needed).")
+@click.option("--no-backup", is_flag=True, help="Do not copy the study and logs here.")
+def watch_cmd(
+    instance: str | None, run_name: str | None, interval: float, once: bool, no_backup: bool
+) -> None:
+    """Live dashboard of a run over one SSH connection. Ctrl+C leaves the run untouched."""
+    from abfleet.watch import watch
+
+    ledger = Ledger()
+    target = _target(ledger, instance, run_name)
+    require_run(target)
+    watch(ledger, target, interval, once, backup=not no_backup)
+
+
+@click.command("backup")
+@click.argument("instance", required=False)
+@run_option
+def backup_cmd(instance: str | None, run_name: str | None) -> None:
+    """Copy a consistent snapshot of the study and the logs into the local run folder now."""
+    ledger = Ledger()
+    target = _target(ledger, instance, run_name)
+    run = require_run(target)
+    session = Session(target)
+    try:
+        snap = session.snapshot()
+        meta = session.backup(ledger, snap, force=True)
+    finally:
+        session.close()
+    console.print(
+        f"backed up {meta['complete']} completed trials to {Path(run.local_dir) / 'study.db'} and the logs to {Path(run.local_dir) / 'logs'}"
+    )
+
+
+@click.command("download")
+@click.argument("instance", required=False)
+@run_option
+@click.option(
+    "--to",
+    "to_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the model (default: runs/<run>/model).",
+)
+@click.option("--sftp", is_flag=True, help="Use SFTP even when rsync is on both ends.")
+@click.option(
+    "--then-destroy", is_flag=True, help="Destroy the instance once every file is verified."
+)
+@click.option("--yes", is_flag=True, help="With --then-destroy: no confirmation.")
+@click.pass_context
+def download_cmd(
+    ctx: click.Context,
+    instance: str | None,
+    run_name: str | None,
+    to_dir: Path | None,
+    sftp: bool,
+    then_destroy: bool,
+    yes: bool,
+) -> None:
+    """Fetch the exported model: resumable, every file checked against MANIFEST.sha256."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from abfleet.launcher import connect_record
+    from abfleet.transfer import download
+
+    setup_logging(ctx.obj.get("verbose", False))
+    ledger = Ledger()
+    target = _target(ledger, instance, run_name)
+    run = require_run(target)
+    dest = (to_dir or Path("runs") / run.name / "model").resolve()
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("download", total=None)
+        result = download(
+            lambda: connect_record(target.instance),
+            f"{run.remote_dir}/model",
+            dest,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            prefer_rsync=not sftp,
+            on_attempt=lambda n, why: err_console.print(
+                f"[yellow]connection lost ({why}); resuming[/]"
+            ),
+        )
+    ledger.update_run(run.name, downloaded_at=time.time(), verified=1)
+    console.print(
+        f"[bold green]verified[/] {result.files} files, {result.bytes_total / 1e9:.2f} GB in {dest} "
+        f"({result.method}, {result.bytes_transferred / 1e6:.1f} MB transferred, {result.seconds:.1f} s)"
+    )
+    # The study and logs come home too: a destroy needs a current backup.
+    try:
+        session = Session(target)
+        try:
+            session.backup(ledger, session.snapshot())
+        finally:
+            session.close()
+    except AbfleetError as exc:
+        err_console.print(
+            f"[yellow]warning:[/] the study backup failed ({exc}); run `abfleet backup` before destroying"
+        )
+    if then_destroy:
+        _destroy(ledger, target.instance.instance_id, run.name, yes, force=False)
+
+
+@click.command("resume")
+@click.argument("run_name")
+@click.option("--here", is_flag=True, help="Continue on this machine instead of a new box.")
+@click.option(
+    "--provider", type=click.Choice(("vast", "ssh", "local")), default="vast", show_default=True
+)
+@click.option("--host", help="For --provider ssh: user@host[:port].")
+@click.option("--trials", type=int, help="New total trial budget.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
+@click.option("--max-price", type=float)
+@click.pass_context
+def resume_cmd(
+    ctx: click.Context,
+    run_name: str,
+    here: bool,
+    provider: str,
+    host: str | None,
+    trials: int | None,
+    yes: bool,
+    max_price: float | None,
+) -> None:
+    """Continue RUN from its local study backup: on a new box, or here with --here."""
+    from abfleet.resume import resume
+
+    setup_logging(ctx.obj.get("verbose", False))
+    resume(Ledger(), run_name, here, provider, host, trials, yes, max_price, confirm_fn(), say)
+
+
+# ---------------------------------------------------------------------------------------------
+# Guarded instance actions
+
+
+def _ask_typed() -> Any:
+    if not is_interactive():
+        return None
+    return lambda question: click.prompt(question, default="", show_default=False)
+
+
+def _destroy(
+    ledger: Ledger, instance: str | None, run_name: str | None, yes: bool, force: bool
+) -> None:
+    from abfleet.guard import assess, check_destroy, confirm_typed
+    from abfleet.launcher import destroy_and_confirm
+
+    target = _target(ledger, instance, run_name)
+    provider = _provider_for(target.instance)
+    a = assess(ledger, target, provider)
+    console.print("[bold]destroy[/] (deletes the box and everything on it; billing stops):")
+    for line in a.lines:
+        console.print(f"  {line}")
+    check_destroy(a, force)
+    iid = target.instance.instance_id or ""
+    confirm_typed(iid, "destroy", yes, _ask_typed())
+    if target.instance.provider == "vast":
+        destroy_and_confirm(provider, ledger, iid)
+    else:
+        from abfleet.deploy import stop_workers
+
+        try:
+            stop_workers(
+                launcher.connect_record(target.instance), ledger, target.instance.provider, iid
+            )
+        except AbfleetError as exc:
+            err_console.print(f"[yellow]warning:[/] could not stop its workers ({exc})")
+        ledger.mark_destroyed(target.instance.provider, iid)
+    console.print(
+        f"[bold]destroyed[/] instance {iid}"
+        + (
+            " (forgotten: abfleet does not own this machine)"
+            if target.instance.provider != "vast"
+            else ""
+        )
+    )
+
+
+@click.command("destroy")
+@click.argument("instance", required=False)
+@click.option("--yes", is_flag=True, help="Do not ask to type the id (for scripts).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Destroy even if the model is not downloaded or the backup is stale.",
+)
+def destroy_cmd(instance: str | None, yes: bool, force: bool) -> None:
+    """Destroy an instance, after showing exactly what it is and what would be lost."""
+    _destroy(Ledger(), instance, None, yes, force)
+
+
+@click.command("stop")
+@click.argument("instance", required=False)
+@click.option("--yes", is_flag=True, help="Do not ask to type the id (for scripts).")
+@click.option("--force", is_flag=True, help="Stop even while a trial runs.")
+def stop_cmd(instance: str | None, yes: bool, force: bool) -> None:
+    """Stop an instance: its worker is killed at once; a stopped Vast.ai box still bills for disk."""
+    from abfleet.guard import assess, check_stop, confirm_typed
+
+    ledger = Ledger()
+    target = _target(ledger, instance, None)
+    provider = _provider_for(target.instance)
+    a = assess(ledger, target, provider)
+    console.print(
+        "[bold]stop[/] (kills the worker at once; the box keeps its disk, and keeps billing for it):"
+    )
+    for line in a.lines:
+        console.print(f"  {line}")
+    check_stop(a, force)
+    iid = target.instance.instance_id or ""
+    confirm_typed(iid, "stop", yes, _ask_typed())
+    provider.stop(iid)
+    console.print(f"[bold]stopped[/] instance {iid}")
+
+
+@click.command("start")
+@click.argument("instance", required=False)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
+def start_cmd(instance: str | None, yes: bool) -> None:
+    """Start a stopped instance (billing resumes)."""
+    ledger = Ledger()
+    target = _target(ledger, instance, None)
+    rec = target.instance
+    if not yes:
+        ask = confirm_fn()
+        if ask is None:
+            raise Declined("refusing to start a billable instance without confirmation: pass --yes")
+        if not ask(
+            f"start instance {rec.instance_id} ({rec.gpu_count}x {rec.gpu_name}, {rec.price_per_hour or 0:.3f} $/h)"
+        ):
+            raise Declined("did not start: nothing was changed")
+    _provider_for(rec).start(rec.instance_id or "")
+    console.print(
+        f"[bold]started[/] instance {rec.instance_id}; its SSH port may have changed: see `abfleet status`"
+    )

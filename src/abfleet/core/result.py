@@ -1,0 +1,55 @@
+"""The result of a study: its Pareto front and the rule that picks one trial (no torch needed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from abfleet.errors import AbfleetError, UserError
+
+
+def completed(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+
+
+def pareto_front(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Trials no other trial beats on both refusals and KL, sorted by refusals."""
+    front = []
+    for t in trials:
+        r, k = t.values
+        dominated = any(
+            (o.values[0] <= r and o.values[1] <= k) and (o.values[0] < r or o.values[1] < k)
+            for o in trials
+        )
+        if not dominated:
+            front.append(t)
+    return sorted(front, key=lambda t: (t.values[0], t.values[1], t.number))
+
+
+@dataclass(frozen=True)
+class Choice:
+    trial: FrozenTrial
+    reason: str
+    within_limit: bool
+
+
+def choose_trial(
+    trials: list[FrozenTrial], kl_limit: float, trial_number: int | None = None
+) -> Choice:
+    """The rule: fewest refusals among trials with KL <= kl_limit, ties by lower KL.
+    An explicit trial number overrides it."""
+    if not trials:
+        raise AbfleetError("the study has no completed trial to choose from")
+    if trial_number is not None:
+        for t in trials:
+            if t.number == trial_number:
+                return Choice(t, f"trial {trial_number} as asked", t.values[1] <= kl_limit)
+        raise UserError(f"trial {trial_number} is not a completed trial of this study")
+    eligible = [t for t in trials if t.values[1] <= kl_limit]
+    if eligible:
+        best = min(eligible, key=lambda t: (t.values[0], t.values[1], t.number))
+        return Choice(best, f"fewest refusals with KL <= {kl_limit:g}", True)
+    best = min(trials, key=lambda t: (t.values[1], t.number))
+    return Choice(best, f"no trial has KL <= {kl_limit:g}: lowest KL instead", False)

@@ -1,0 +1,195 @@
+"""The live view of a run (`abfleet watch`), drawn from one snapshot: pure rendering, no I/O."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from abfleet.render import fmt_kl, fmt_refusals
+
+
+@dataclass
+class ViewInfo:
+    instance_id: str
+    gpu: str
+    price_per_hour: float | None
+    created_at: float
+    run: str
+    refreshed_at: float | None = None
+    stale_since: float | None = None
+    error: str | None = None
+    backup: dict[str, Any] | None = None
+
+
+def hms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(max(0, seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def gauge(used: float | None, total: float | None, width: int = 18) -> RenderableType:
+    if used is None or not total:
+        return Text("-")
+    return ProgressBar(total=total, completed=min(used, total), width=width)
+
+
+def render(snap: dict[str, Any] | None, info: ViewInfo, now: float | None = None) -> RenderableType:
+    now = now or time.time()
+    parts: list[RenderableType] = [_header(snap, info, now)]
+    if info.stale_since is not None:
+        parts.append(
+            Text(
+                f"STALE: no answer from the box for {hms(now - info.stale_since)} ({info.error}); "
+                "reconnecting. Figures below are from the last snapshot.",
+                style="bold yellow",
+            )
+        )
+    if snap:
+        parts.append(_tables(snap))
+        if len(snap.get("workers", [])) > 0:
+            parts.append(_workers(snap, now))
+        tail = snap.get("log_tail", [])[-8:]
+        if tail:
+            parts.append(
+                Panel(
+                    Text("\n".join(tail), overflow="ellipsis", no_wrap=True),
+                    title="log",
+                    title_align="left",
+                )
+            )
+    return Group(*parts)
+
+
+def _header(snap: dict[str, Any] | None, info: ViewInfo, now: float) -> RenderableType:
+    hours = (now - info.created_at) / 3600
+    cost = f"{info.price_per_hour * hours:.2f} $" if info.price_per_hour else "-"
+    rate = f"{info.price_per_hour:.3f} $/h" if info.price_per_hour else "not billed by abfleet"
+    lines = Table.grid(padding=(0, 2))
+    lines.add_column()
+    lines.add_column()
+    if snap:
+        t = snap.get("trials", {})
+        total = t.get("total") or 0
+        done = t.get("complete", 0)
+        state = snap.get("state", "?")
+        if snap.get("reason"):
+            state += f" ({snap['reason']})"
+        lines.add_row(Text(f"state {state}", style="bold"), Text(snap.get("detail") or ""))
+        bar = ProgressBar(total=max(total, 1), completed=min(done, total), width=40)
+        lines.add_row(
+            bar,
+            Text(
+                f"{done}/{total} trials, {t.get('running', 0)} running, {t.get('failed', 0)} failed"
+            ),
+        )
+        eta = snap.get("eta_s")
+        median = snap.get("median_trial_s")
+        lines.add_row(
+            Text(f"ETA {hms(eta) if eta is not None else '-'}"),
+            Text(f"median {median if median else '-'} s/trial"),
+        )
+        base = snap.get("baseline")
+        if base:
+            lines.add_row(
+                Text("before"),
+                Text(f"refusals {fmt_refusals(base.get('refusals'), base.get('n_bad'))}"),
+            )
+    else:
+        lines.add_row(Text("no snapshot yet", style="bold"), Text(""))
+    lines.add_row(Text(f"{rate}"), Text(f"cost so far {cost}, up {hms(now - info.created_at)}"))
+    age = (
+        f"refreshed {hms(now - info.refreshed_at)} ago"
+        if info.refreshed_at
+        else "not refreshed yet"
+    )
+    backup = info.backup
+    if backup:
+        age += (
+            f"; study backed up {hms(now - backup['at'])} ago ({backup.get('complete', 0)} trials)"
+        )
+    title = f"run {info.run} on {info.instance_id} ({info.gpu})"
+    return Panel(lines, title=title, title_align="left", subtitle=age, subtitle_align="right")
+
+
+def _tables(snap: dict[str, Any]) -> RenderableType:
+    pareto = Table(title="Pareto front", title_justify="left", expand=False)
+    for col in ("trial", "refusals", "KL", "degen."):
+        pareto.add_column(col, justify="right")
+    for p in snap.get("pareto", [])[:8]:
+        pareto.add_row(
+            str(p["trial"]),
+            fmt_refusals(p["refusals"], p["n_bad"]),
+            fmt_kl(p["kl"]),
+            str(p["degenerate"]),
+        )
+    side = Table.grid(padding=(0, 1))
+    side.add_column()
+    side.add_column()
+    side.add_column()
+    for g in snap.get("gpus", []):
+        total_gb = (g.get("mem_total_mb") or 0) / 1024
+        used_gb = (g.get("mem_used_mb") or 0) / 1024
+        side.add_row(
+            f"GPU {g['index']} {g['name']}",
+            gauge(g.get("util"), 100),
+            f"{g.get('util') or 0:.0f}% {g.get('temp_c') or 0:.0f}C",
+        )
+        side.add_row("  memory", gauge(used_gb, total_gb), f"{used_gb:.0f}/{total_gb:.0f} GB")
+    if not snap.get("gpus"):
+        side.add_row("GPU", Text("none (CPU)"), "")
+    disk = snap.get("disk") or {}
+    if disk:
+        used = disk["total_gb"] - disk["free_gb"]
+        side.add_row(
+            "disk",
+            gauge(used, disk["total_gb"]),
+            f"{disk['free_gb']:.0f} GB free of {disk['total_gb']:.0f}",
+        )
+    out = snap.get("output", {})
+    if out.get("exported"):
+        side.add_row(
+            "model",
+            Text("exported", style="green"),
+            f"{out['total_bytes'] / 1e9:.2f} GB, {len(out['files'])} files",
+        )
+    grid = Table.grid(padding=(0, 4))
+    grid.add_column()
+    grid.add_column()
+    grid.add_row(pareto, side)
+    return grid
+
+
+def _workers(snap: dict[str, Any], now: float) -> RenderableType:
+    table = Table(title="workers", title_justify="left")
+    for col in ("#", "host", "GPU", "state", "trial", "running for", "heartbeat", "done here"):
+        table.add_column(col)
+    beats = snap.get("heartbeats", {})
+    for w in snap.get("workers", []):
+        current = w.get("current_trial")
+        beat = beats.get(str(current)) if current is not None else None
+        running_for = (
+            hms(now - w["current_trial_started"])
+            if current is not None and w.get("current_trial_started")
+            else "-"
+        )
+        table.add_row(
+            str(w["index"]),
+            str(w.get("host") or "-"),
+            str(w.get("gpu") if w.get("gpu") is not None else (w.get("device") or "-")),
+            ("" if w["alive"] else "[red]dead[/] ") + str(w["state"]),
+            str(current) if current is not None else "-",
+            running_for,
+            f"{hms(now - beat)} ago" if beat else "-",
+            str(w.get("trials_here", 0)),
+        )
+    return table

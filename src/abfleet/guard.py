@@ -1,0 +1,141 @@
+"""Guard rails for stop and destroy: show the exact target, then refuse what would lose work.
+
+destroy refuses while the finished model is not downloaded and verified, or the study backup
+lacks completed trials (--force overrides); stop refuses while a trial runs (--force), since
+stopping a Vast.ai instance kills its processes at once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from abfleet.errors import AbfleetError, UserError
+from abfleet.ledger import Ledger
+from abfleet.monitor import Session, Target, backup_is_fresh
+
+
+@dataclass
+class Assessment:
+    target: Target
+    snapshot: dict[str, Any] | None
+    reach_error: str | None
+    instance_state: str | None
+    model_verified: bool
+    backup_fresh: bool | None
+    backup_note: str
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def trial_running(self) -> bool:
+        """The worker is searching (a trial runs, or the next starts within milliseconds) or
+        exporting: stopping now loses that work."""
+        if not self.snapshot:
+            return False
+        return self.snapshot.get("state") in ("searching", "exporting")
+
+
+def assess(
+    ledger: Ledger, target: Target, provider: Any | None = None, timeout: float = 15
+) -> Assessment:
+    rec, run = target.instance, target.run
+    snap, err = None, None
+    if run is not None and rec.remote_root:
+        session = None
+        try:
+            session = Session(target, timeout=timeout)
+            snap = session.snapshot()
+        except AbfleetError as exc:
+            err = str(exc)
+        finally:
+            if session is not None:
+                session.close()
+    live = None
+    if provider is not None:
+        try:
+            inst = provider.get(rec.instance_id or "")
+            live = inst.state if inst else "gone"
+        except AbfleetError as exc:
+            live = f"unknown ({exc})"
+    verified = bool(run and run.verified)
+    fresh, note = (
+        (True, "no run on this instance")
+        if run is None
+        else backup_is_fresh(Path(run.local_dir), snap)
+    )
+    a = Assessment(target, snap, err, live, verified, fresh, note)
+    a.lines = describe(a)
+    return a
+
+
+def describe(a: Assessment) -> list[str]:
+    rec, run, snap = a.target.instance, a.target.run, a.snapshot
+    up = _duration(time.time() - rec.created_at)
+    price = f"{rec.price_per_hour:.3f} $/h" if rec.price_per_hour else "not billed by abfleet"
+    lines = [
+        f"instance {rec.instance_id} ({rec.provider}), label {rec.label}",
+        f"{rec.gpu_count or '?'}x {rec.gpu_name or '?'}, {price}, up {up} (since abfleet created it)"
+        + (f", state {a.instance_state}" if a.instance_state else ""),
+    ]
+    if run is None:
+        lines.append("no run was submitted to it")
+        return lines
+    if snap:
+        t = snap.get("trials", {})
+        lines.append(
+            f"run {run.name}: {snap.get('state')}, {t.get('complete', 0)}/{t.get('total')} trials, {t.get('running', 0)} running"
+        )
+    else:
+        lines.append(f"run {run.name}: state unknown ({a.reach_error or 'not reachable'})")
+    if a.model_verified:
+        lines.append(
+            f"model: downloaded and verified {time.strftime('%Y-%m-%d %H:%M', time.localtime(run.downloaded_at or 0))}"
+        )
+    else:
+        lines.append("model: NOT downloaded and verified")
+    lines.append(f"study backup: {a.backup_note}")
+    return lines
+
+
+def check_destroy(a: Assessment, force: bool) -> None:
+    if force or a.target.run is None:
+        return
+    problems = []
+    if not a.model_verified:
+        problems.append("the finished model is not downloaded and verified (abfleet download)")
+    if a.backup_fresh is not True:
+        problems.append(f"the study backup is not current: {a.backup_note} (abfleet backup)")
+    if problems:
+        raise UserError("refusing to destroy: " + "; ".join(problems) + "; --force destroys anyway")
+
+
+def check_stop(a: Assessment, force: bool) -> None:
+    if force:
+        return
+    if a.trial_running:
+        state = a.snapshot.get("state") if a.snapshot else "?"
+        raise UserError(
+            f"refusing to stop: the worker is {state} and stopping kills it at once; --force stops anyway"
+        )
+
+
+def confirm_typed(instance_id: str, action: str, yes: bool, ask: Any) -> None:
+    """The user types the instance id; anything else (or no terminal without --yes) changes nothing."""
+    from abfleet.errors import Declined
+
+    if yes:
+        return
+    if ask is None:
+        raise Declined(
+            f"refusing to {action} without confirmation: there is no terminal to ask on; pass --yes"
+        )
+    typed = ask(f"type the instance id ({instance_id}) to {action} it")
+    if typed.strip() != instance_id:
+        raise Declined(f"you typed {typed.strip()!r}, not {instance_id}: nothing was changed")
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m"

@@ -1,0 +1,123 @@
+"""`abfleet resume RUN`: continue a run from its local backup, on a new box or on this machine.
+
+What makes it possible: every progress/watch/backup copies a consistent snapshot of the study
+home, and submit keeps a copy of the job. A lost or destroyed box costs only the trials after
+the last backup; the trial count continues where the backup left it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from abfleet import launcher
+from abfleet.errors import UserError
+from abfleet.ledger import Ledger
+from abfleet.monitor import BACKUP_FILE, read_backup_meta
+
+
+def _sources(ledger: Ledger, run_name: str) -> tuple[Path, Path, dict[str, Any]]:
+    run = ledger.run(run_name)
+    if run is None:
+        known = ", ".join(r.name for r in ledger.runs()) or "none"
+        raise UserError(f"unknown run {run_name!r} (runs: {known})")
+    local = Path(run.local_dir)
+    study, job = local / BACKUP_FILE, local / "job" / "job.toml"
+    meta = read_backup_meta(local)
+    if not study.is_file() or meta is None:
+        raise UserError(
+            f"run {run_name} has no study backup in {local}: nothing to resume from "
+            "(`abfleet backup` copies one while the box is alive)"
+        )
+    if not job.is_file():
+        raise UserError(f"run {run_name} has no copy of its job in {local / 'job'}")
+    return study, job, meta
+
+
+def resume(
+    ledger: Ledger,
+    run_name: str,
+    here: bool,
+    provider_name: str,
+    host: str | None,
+    trials: int | None,
+    yes: bool,
+    max_price: float | None,
+    confirm: Callable[[str], bool] | None,
+    say: Callable[[str], None],
+) -> None:
+    study, job_file, meta = _sources(ledger, run_name)
+    say(
+        f"resuming {run_name} from its backup of {time.strftime('%Y-%m-%d %H:%M', time.localtime(meta['at']))} ({meta['complete']} completed trials)"
+    )
+    overrides: dict[str, Any] = {"trials": trials} if trials else {}
+    if here:
+        _resume_here(run_name, study, job_file, overrides, say)
+        return
+    from abfleet.providers import get_provider
+
+    prepared = launcher.prepare(str(job_file), overrides)
+    provider = get_provider(provider_name, host)
+    req = launcher.requirements(prepared.plan, None, max_price)
+    new_run = f"{run_name}-r{time.strftime('%H%M%S')}"
+    instance, remote = launcher.create_and_wait(
+        provider,
+        ledger,
+        prepared.plan,
+        req,
+        new_run,
+        prepared.job.spec.search.n_trials,
+        yes,
+        confirm,
+        say,
+    )
+    try:
+        box = launcher.setup(remote, say)
+        launcher.register(provider, ledger, instance, box)
+        launcher.submit(
+            provider.name,
+            instance.id,
+            box,
+            prepared.job,
+            prepared.plan,
+            new_run,
+            ledger,
+            say,
+            study_file=study,
+        )
+    finally:
+        remote.close()
+    say(
+        f"run {new_run} continues {run_name} on instance {instance.id}: `abfleet watch {instance.id}`"
+    )
+
+
+def _resume_here(
+    run_name: str,
+    study: Path,
+    job_file: Path,
+    overrides: dict[str, Any],
+    say: Callable[[str], None],
+) -> None:
+    from abfleet import localrun
+    from abfleet.cli.run import ConsoleReporter
+    from abfleet.core.pipeline import RunOptions, run_job
+
+    out = Path("runs") / run_name
+    flags = {**overrides, "output": str(out)}
+    prepared = localrun.prepare(str(job_file), flags)
+    target = prepared.run.study_db
+    if not target.exists():
+        shutil.copyfile(study, target)
+    say(f"continuing here in {prepared.run.path}")
+    with localrun.StopFlag() as stop:
+        result = run_job(
+            prepared.job, prepared.run, ConsoleReporter(), RunOptions(should_stop=stop.is_set)
+        )
+    say(
+        f"{result.state}: {result.complete}/{result.n_trials} trials"
+        + (f", model in {result.model_dir}" if result.model_dir else "")
+    )

@@ -1,0 +1,356 @@
+"""The run's state as one JSON document, taken on the box (`abfleet worker report --json`).
+
+The controller gets everything it shows (progress, dashboard, guard rails) from this single
+round trip: no grepping of logs or process lists on the box, no shell pipelines to quote.
+Reading needs neither torch nor the model: it is cheap enough for a refresh every few seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from abfleet.rundir import FINAL_STATES, RunDir
+
+PARETO_ROWS = 10
+
+
+def take_snapshot(run: RunDir, log_lines: int = 20) -> dict[str, Any]:
+    snap: dict[str, Any] = {"taken_at": time.time(), "run_dir": str(run.path)}
+    job = _job_info(run)
+    snap.update(job)
+    workers = [_worker(run, i) for i in run.workers()]
+    snap["workers"] = workers
+    snap.update(_study(run, job))
+    snap["state"], snap["reason"], snap["detail"] = _overall_state(workers)
+    snap["eta_s"] = _eta(snap)
+    snap["gpus"] = gpu_stats()
+    snap["disk"] = _disk(run.path)
+    snap["output"] = _output(run)
+    snap["log_tail"] = _log_tail(run, workers, log_lines)
+    return snap
+
+
+def _job_info(run: RunDir) -> dict[str, Any]:
+    from abfleet.jobs import load_job
+
+    try:
+        job = load_job(str(run.job_file))
+    except Exception as exc:  # noqa: BLE001 - a report must describe even a broken run
+        return {"job": None, "job_error": str(exc)}
+    return {
+        "job": job.name,
+        "model": job.spec.model,
+        "study": job.study_name,
+        "n_trials": job.spec.search.n_trials,
+        "kl_limit": job.spec.result.kl_limit,
+        "storage_setting": job.spec.search.storage,
+    }
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):
+        # A recycled pid is not our worker: a worker's command line names the worker command.
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"worker" in cmdline
+    return True
+
+
+def _worker(run: RunDir, index: int) -> dict[str, Any]:
+    status = run.read_status(index)
+    pid = status.get("pid")
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(run.pid_file(index).read_text().strip())
+    alive = _pid_alive(pid)
+    state = status.get("state", "starting")
+    if not alive and state not in FINAL_STATES:
+        # The process is gone without saying why (killed, OOM, box rebooted).
+        state, status["reason"] = "failed", "worker process is gone (killed?); see its log"
+    return {
+        "index": index,
+        "pid": pid,
+        "alive": alive,
+        "state": state,
+        "reason": status.get("reason"),
+        "detail": status.get("detail"),
+        "host": status.get("host"),
+        "label": status.get("label"),
+        "gpu": status.get("gpu"),
+        "device": status.get("device"),
+        "dtype": status.get("dtype"),
+        "batch_size": status.get("batch_size"),
+        "current_trial": status.get("current_trial"),
+        "current_trial_started": status.get("current_trial_started"),
+        "trials_here": status.get("trials_here", 0),
+        "updated_at": status.get("updated_at"),
+        "started_at": status.get("started_at"),
+    }
+
+
+def _overall_state(workers: list[dict[str, Any]]) -> tuple[str, str | None, str | None]:
+    if not workers:
+        return "starting", None, "no worker has reported yet"
+    primary = next((w for w in workers if w["index"] == 0), workers[0])
+    alive = [w for w in workers if w["alive"]]
+    if primary["state"] == "failed" and not alive:
+        return "failed", primary["reason"], primary["detail"]
+    if primary["state"] in FINAL_STATES and not alive:
+        return primary["state"], primary["reason"], primary["detail"]
+    if any(w["state"] == "exporting" for w in workers):
+        return "exporting", None, None
+    order = ("searching", "directions", "loading", "starting")
+    for state in order:
+        if any(w["state"] == state for w in alive):
+            return state, None, next(w["detail"] for w in alive if w["state"] == state)
+    return primary["state"], primary["reason"], primary["detail"]
+
+
+def _study(run: RunDir, job: dict[str, Any]) -> dict[str, Any]:
+    """Trial counts, Pareto front, timings and heartbeats from the study storage."""
+    url = _storage_url(run, job)
+    out: dict[str, Any] = {
+        "trials": {
+            "complete": 0,
+            "running": 0,
+            "failed": 0,
+            "waiting": 0,
+            "total": job.get("n_trials"),
+        },
+        "pareto": [],
+        "baseline": None,
+        "median_trial_s": None,
+        "heartbeats": {},
+        "study_db": None,
+    }
+    if run.study_db.is_file():
+        st = run.study_db.stat()
+        out["study_db"] = {"path": str(run.study_db), "size": st.st_size, "mtime": st.st_mtime}
+    if url is None or (url.startswith("sqlite") and not run.study_db.is_file()):
+        return out
+    try:
+        import optuna
+
+        from abfleet.core.result import pareto_front
+
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        storage = optuna.storages.RDBStorage(
+            url, engine_kwargs=_engine_kwargs(url), skip_compatibility_check=True
+        )
+        study = optuna.load_study(study_name=job["study"], storage=storage)
+        trials = study.get_trials(deepcopy=False)
+    except Exception as exc:  # noqa: BLE001 - not created yet, DB locked, Postgres down
+        out["study_error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return out
+    counts = {"complete": 0, "running": 0, "failed": 0, "waiting": 0, "pruned": 0}
+    for t in trials:
+        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
+    out["trials"] = {**counts, "total": job.get("n_trials")}
+    done = [t for t in trials if t.state.name == "COMPLETE" and t.values]
+    out["pareto"] = [_point(t) for t in pareto_front(done)[:PARETO_ROWS]]
+    durations = [t.user_attrs.get("seconds") for t in done if t.user_attrs.get("seconds")]
+    out["median_trial_s"] = round(statistics.median(durations), 2) if durations else None
+    out["last_complete_at"] = max(
+        (t.datetime_complete.timestamp() for t in done if t.datetime_complete), default=None
+    )
+    out["baseline"] = _baseline(study.user_attrs.get("baseline"))
+    out["running_trials"] = [
+        {
+            "trial": t.number,
+            "worker": t.user_attrs.get("worker"),
+            "started": t.datetime_start.timestamp() if t.datetime_start else None,
+        }
+        for t in trials
+        if t.state.name == "RUNNING"
+    ]
+    out["heartbeats"] = _heartbeats(storage, trials)
+    return out
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 10}}
+    return {"connect_args": {"connect_timeout": 10}}
+
+
+def _storage_url(run: RunDir, job: dict[str, Any]) -> str | None:
+    setting = job.get("storage_setting")
+    if setting == "head":
+        return os.environ.get("ABFLEET_STORAGE_URL") or _env_file_value(run, "ABFLEET_STORAGE_URL")
+    return setting or f"sqlite:///{run.study_db}"
+
+
+def _env_file_value(run: RunDir, key: str) -> str | None:
+    """Read one value of the run's 0600 env file (the report runs as the same user)."""
+    with contextlib.suppress(OSError):
+        for line in (run.path / ".env").read_text().splitlines():
+            name, _, value = line.partition("=")
+            if name == key:
+                return value.strip().strip("'")
+    return None
+
+
+def _point(t: Any) -> dict[str, Any]:
+    a = t.user_attrs
+    return {
+        "trial": t.number,
+        "refusals": int(a.get("refusals", t.values[0])),
+        "n_bad": int(a.get("n_bad", 0)),
+        "kl": round(float(a.get("kl", t.values[1])), 4),
+        "degenerate": int(a.get("degenerate", 0)),
+        "worker": a.get("worker"),
+    }
+
+
+def _baseline(data: Any) -> dict[str, Any] | None:
+    if not isinstance(data, dict):
+        return None
+    return {k: data.get(k) for k in ("refusals", "n_bad", "degenerate")}
+
+
+def _heartbeats(storage: Any, trials: list[Any]) -> dict[str, float]:
+    """Last heartbeat of each running trial (Optuna's trial_heartbeats table)."""
+    running = {t._trial_id: t.number for t in trials if t.state.name == "RUNNING"}
+    if not running:
+        return {}
+    try:
+        from sqlalchemy import text
+
+        with storage.engine.connect() as conn:
+            rows = conn.execute(text("SELECT trial_id, heartbeat FROM trial_heartbeats")).fetchall()
+    except Exception:  # noqa: BLE001 - older schema or no heartbeats yet
+        return {}
+    out = {}
+    for trial_id, beat in rows:
+        when = _utc_timestamp(beat)
+        if trial_id in running and when is not None:
+            out[str(running[trial_id])] = when
+    return out
+
+
+def _utc_timestamp(value: Any) -> float | None:
+    """Optuna writes heartbeats with the database's CURRENT_TIMESTAMP: UTC, naive; SQLite hands
+    it back as a string, Postgres as a datetime."""
+    from datetime import datetime, timezone
+
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value.timestamp()
+    return None
+
+
+def _eta(snap: dict[str, Any]) -> float | None:
+    trials, median = snap.get("trials", {}), snap.get("median_trial_s")
+    total = trials.get("total")
+    if not median or not total:
+        return None
+    remaining = max(0, total - trials.get("complete", 0))
+    alive = max(1, sum(1 for w in snap.get("workers", []) if w["alive"]))
+    return round(remaining * median / alive, 1)
+
+
+def gpu_stats() -> list[dict[str, Any]]:
+    if shutil.which("nvidia-smi") is None:
+        return []
+    query = "index,name,utilization.gpu,memory.used,memory.total,temperature.gpu"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 6:
+            continue
+        gpus.append(
+            {
+                "index": int(parts[0]),
+                "name": parts[1],
+                "util": _num(parts[2]),
+                "mem_used_mb": _num(parts[3]),
+                "mem_total_mb": _num(parts[4]),
+                "temp_c": _num(parts[5]),
+            }
+        )
+    return gpus
+
+
+def _num(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _disk(path: Path) -> dict[str, Any]:
+    usage = shutil.disk_usage(path)
+    return {
+        "path": str(path),
+        "free_gb": round(usage.free / 1e9, 2),
+        "total_gb": round(usage.total / 1e9, 2),
+    }
+
+
+def _output(run: RunDir) -> dict[str, Any]:
+    model = run.model_dir
+    if not model.is_dir():
+        return {"exported": False, "files": [], "total_bytes": 0, "manifest": False}
+    files = [
+        {"path": p.relative_to(model).as_posix(), "size": p.stat().st_size}
+        for p in sorted(model.rglob("*"))
+        if p.is_file()
+    ]
+    record = None
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        data = json.loads((model / "abfleet-run.json").read_text())
+        record = {
+            "chosen": data.get("chosen", {}).get("trial"),
+            "before": data.get("before"),
+            "after": data.get("after"),
+        }
+    return {
+        "exported": (model / "MANIFEST.sha256").is_file(),
+        "manifest": (model / "MANIFEST.sha256").is_file(),
+        "files": files,
+        "total_bytes": sum(f["size"] for f in files),
+        "result": record,
+    }
+
+
+def _log_tail(run: RunDir, workers: list[dict[str, Any]], n: int) -> list[str]:
+    lines: list[str] = []
+    for w in workers or [{"index": 0}]:
+        for path in (run.log_file(w["index"]), run.path / f"worker-{w['index']}.out"):
+            if path.is_file():
+                with open(path, encoding="utf-8", errors="replace") as handle:
+                    tail = deque(handle, maxlen=n)
+                prefix = f"[{w['index']}] " if len(workers) > 1 else ""
+                lines += [prefix + line.rstrip("\n") for line in tail if line.strip()]
+    return lines[-n:]

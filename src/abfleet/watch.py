@@ -1,0 +1,112 @@
+"""`abfleet watch`: refresh the dashboard over one persistent SSH connection.
+
+A refresh that fails (dropped connection, box rebooting, a timeout) never ends the watch: the
+last snapshot stays on screen marked stale, and the connection is re-opened with backoff.
+Ctrl+C ends the watch and nothing else: the run on the box is untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from rich.live import Live
+
+from abfleet.console import console
+from abfleet.dashboard import ViewInfo, render
+from abfleet.errors import AbfleetError
+from abfleet.ledger import Ledger
+from abfleet.monitor import Session, Target, read_backup_meta
+
+log = logging.getLogger(__name__)
+
+
+class Watcher:
+    def __init__(self, ledger: Ledger, target: Target, backup: bool = True) -> None:
+        rec = target.instance
+        self.ledger = ledger
+        self.target = target
+        self.backup = backup
+        self.session: Session | None = None
+        self.snapshot: dict | None = None
+        self.failures = 0
+        self.next_try = 0.0
+        self.info = ViewInfo(
+            instance_id=rec.instance_id or "?",
+            gpu=f"{rec.gpu_count or '?'}x {rec.gpu_name or '?'}",
+            price_per_hour=rec.price_per_hour,
+            created_at=rec.created_at,
+            run=target.run.name if target.run else "-",
+            backup=read_backup_meta(_local(target)),
+        )
+
+    def refresh(self) -> None:
+        now = time.time()
+        if now < self.next_try:
+            return
+        try:
+            if self.session is None:
+                self.session = Session(self.target, timeout=15)
+            snap = self.session.snapshot()
+            self.snapshot = snap
+            self.info.refreshed_at = time.time()
+            self.info.stale_since = None
+            self.info.error = None
+            self.failures = 0
+            if self.target.run is not None and snap.get("state"):
+                self.ledger.update_run(self.target.run.name, state=snap["state"])
+            if self.backup:
+                self.info.backup = self.session.backup(self.ledger, snap)
+        except (AbfleetError, OSError, EOFError, ValueError) as exc:
+            self._lost(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except Exception as exc:
+            log.exception("watch refresh failed")
+            self._lost(f"{type(exc).__name__}: {exc}")
+
+    def _lost(self, why: str) -> None:
+        self.failures += 1
+        if self.info.stale_since is None:
+            self.info.stale_since = time.time()
+        self.info.error = why
+        if self.session is not None:
+            try:
+                self.session.close()
+            finally:
+                self.session = None
+        self.next_try = time.time() + min(2 ** (self.failures - 1), 30)
+
+    def view(self):
+        return render(self.snapshot, self.info)
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+
+
+def _local(target: Target):
+    from pathlib import Path
+
+    return Path(target.run.local_dir) if target.run else Path("/nonexistent")
+
+
+def watch(ledger: Ledger, target: Target, interval: float, once: bool, backup: bool = True) -> None:
+    watcher = Watcher(ledger, target, backup)
+    try:
+        if once:
+            watcher.refresh()
+            console.print(watcher.view())
+            return
+        with Live(watcher.view(), console=console, refresh_per_second=2, screen=False) as live:
+            while True:
+                watcher.refresh()
+                live.update(watcher.view())
+                deadline = time.time() + interval
+                while time.time() < deadline:
+                    time.sleep(0.25)
+                    live.update(
+                        watcher.view()
+                    )  # keeps "refreshed N s ago" and the stale timer moving
+    except KeyboardInterrupt:
+        console.print("watch stopped; the run on the box goes on")
+    finally:
+        watcher.close()
