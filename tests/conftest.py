@@ -239,3 +239,18 @@ def ssh_config(ssh_key, isolated_home):
     """abfleet configured with the test key (for the ssh provider, no Vast)."""
     write_config(isolated_home / "config", ssh_key)
     return isolated_home / "config" / "config.toml"
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    from pgserver import PgServer
+
+    server = PgServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """A fresh database on the real PostgreSQL server of this test session."""
+    return pg_server.new_database()

@@ -180,7 +180,7 @@ class FakeVast:
             ssh_host="127.0.0.1",
             ssh_port=port,
             public_ipaddr="127.0.0.1",
-            ports={"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(port)}]},
+            ports={"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(port)}], **inst["_exposed"]},
         )
 
     def _row(self, inst: dict[str, Any]) -> dict[str, Any]:
@@ -344,6 +344,7 @@ class FakeVast:
             "ssh_port": None,
             "public_ipaddr": None,
             "ports": {},
+            "_exposed": _exposed_ports(body.get("env") or {}),
             "extra_env": [[k, v] for k, v in (body.get("env") or {}).items()],
             "onstart": body["onstart"],
             "image_uuid": body["image"],
@@ -411,6 +412,17 @@ def _match(value: Any, ops: Any) -> bool:
         if op in ("notin", "nin") and value in _typed(want, value):
             return False
     return True
+
+
+def _exposed_ports(env: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
+    """ "-p HOST:CONTAINER" entries of the create env. On loopback there is no NAT, so the host
+    port is the container port; Vast.ai would pick another and report it the same way."""
+    out = {}
+    for key in env:
+        if key.startswith("-p "):
+            container = key[3:].split(":")[-1].split("/")[0]
+            out[f"{container}/tcp"] = [{"HostIp": "0.0.0.0", "HostPort": container}]
+    return out
 
 
 def _coerce(want: Any, like: Any) -> Any:

@@ -117,6 +117,37 @@ SetEnv ABFLEET_REMOTE_ROOT={self.root} ABFLEET_PYTHON={python} PATH={path} HOME=
             with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
                 os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
 
+    def stop_postgres(self) -> None:
+        """A head Postgres (infra/postgres-head.sh) outlives its SSH session: stop it too."""
+        import glob
+        import hashlib
+
+        digest = hashlib.sha1(str(self.root).encode()).hexdigest()[:12]
+        for data in [
+            self.root / "postgres" / "data",
+            Path(f"/var/lib/abfleet-postgres/{digest}/data"),
+        ]:
+            if (data / "PG_VERSION").is_file():
+                pg_ctl = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))[-1]
+                subprocess.run(
+                    [
+                        "runuser",
+                        "-u",
+                        "postgres",
+                        "--",
+                        pg_ctl,
+                        "-D",
+                        str(data),
+                        "-m",
+                        "immediate",
+                        "stop",
+                    ],
+                    capture_output=True,
+                    check=False,
+                )
+                shutil.rmtree(data.parent, ignore_errors=True)
+
     def close(self) -> None:
         self.stop_workers()
+        self.stop_postgres()
         self.kill()

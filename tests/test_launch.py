@@ -113,18 +113,7 @@ def test_list_flags_instances_missing_from_the_ledger_and_vanished_ones(fake_vas
     assert "bills but abfleet did not create it" in text
 
 
-def test_launch_through_the_ssh_provider(ssh_config, boxes, tiny_job):
-    box = boxes("mine")
-    proc = abfleet(
-        "launch", str(tiny_job), "--provider", "ssh", "--host", f"root@127.0.0.1:{box.port}"
-    )
-    assert proc.returncode == 0, proc.stderr + proc.stdout
-    assert wait_for_state(box.root)["state"] == "done"
-    [record] = Ledger().instances()
-    assert (record.provider, record.instance_id) == ("ssh", f"127.0.0.1:{box.port}")
-
-
-def test_shell_metacharacters_are_data_never_code(
+def test_launch_through_the_ssh_provider_with_shell_metacharacters(
     ssh_config, ssh_key, boxes, tmp_path, tiny_model_dir
 ):
     """A model folder, a job folder and a system prompt that would each create a file if any
@@ -154,6 +143,8 @@ def test_shell_metacharacters_are_data_never_code(
     status = wait_for_state(box.root)
     assert status["state"] == "done"
     assert list(tmp_path.rglob("PWNED*")) == []  # the boxes' workspaces and homes are in tmp_path
+    [record] = Ledger().instances()  # the ssh provider registered the machine in the ledger
+    assert (record.provider, record.instance_id) == ("ssh", f"127.0.0.1:{box.port}")
 
     # The layer everything goes through: an argument comes back exactly as it was sent.
     remote = SshRemote(

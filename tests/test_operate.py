@@ -163,23 +163,17 @@ def test_guard_rails_for_destroy(fake_vast, boxes, tiny_job):
     ]
 
 
-def test_download_then_destroy(fake_vast, boxes, tiny_job, tmp_path):
-    _box, iid = launched(fake_vast, boxes, tiny_job)
-    proc = abfleet("download", iid, "--to", str(tmp_path / "got"), "--then-destroy", "--yes")
-    assert proc.returncode == 0, proc.stderr + proc.stdout
-    assert "verified" in proc.stdout and (tmp_path / "got" / "model.safetensors").is_file()
-    assert int(iid) not in fake_vast.instances
-    [run] = Ledger().runs()
-    assert run.verified and run.downloaded_at
-
-
 def test_resume_continues_the_trial_count_here_and_on_a_new_box(
     fake_vast, boxes, tiny_job, tmp_path
 ):
     _, iid = launched(fake_vast, boxes, tiny_job)
     assert abfleet("backup", iid).returncode == 0
-    assert abfleet("download", iid, "--then-destroy", "--yes").returncode == 0
+    proc = abfleet("download", iid, "--to", str(tmp_path / "got"), "--then-destroy", "--yes")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "verified" in proc.stdout and (tmp_path / "got" / "model.safetensors").is_file()
+    assert int(iid) not in fake_vast.instances  # destroyed only after every file was verified
     [run] = Ledger().runs()
+    assert run.verified and run.downloaded_at
 
     here = abfleet("resume", run.name, "--here", "--trials", "6", cwd=tmp_path)
     assert here.returncode == 0, here.stderr + here.stdout

@@ -36,8 +36,12 @@ def backup_study(run_dir: Path, out: Path) -> dict[str, Any]:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)
+        from abfleet.storage_url import normalize_url
+
         optuna.copy_study(
-            from_study_name=job["study"], from_storage=url, to_storage=f"sqlite:///{tmp}"
+            from_study_name=job["study"],
+            from_storage=normalize_url(url),
+            to_storage=f"sqlite:///{tmp}",
         )
     tmp.replace(out)
     complete = _count_complete(out, job["study"])

@@ -55,6 +55,10 @@ def render(snap: dict[str, Any] | None, info: ViewInfo, now: float | None = None
             )
         )
     if snap:
+        for box, why in (snap.get("unreachable") or {}).items():
+            parts.append(
+                Text(f"box {box} did not answer ({why}); its workers are not shown", style="yellow")
+            )
         parts.append(_tables(snap))
         if len(snap.get("workers", [])) > 0:
             parts.append(_workers(snap, now))
@@ -136,11 +140,12 @@ def _tables(snap: dict[str, Any]) -> RenderableType:
     side.add_column()
     side.add_column()
     side.add_column()
+    boxes = len(snap.get("boxes", [])) > 1
     for g in snap.get("gpus", []):
         total_gb = (g.get("mem_total_mb") or 0) / 1024
         used_gb = (g.get("mem_used_mb") or 0) / 1024
         side.add_row(
-            f"GPU {g['index']} {g['name']}",
+            (f"{g['box']} " if boxes else "") + f"GPU {g['index']} {g['name']}",
             gauge(g.get("util"), 100),
             f"{g.get('util') or 0:.0f}% {g.get('temp_c') or 0:.0f}C",
         )
@@ -171,7 +176,17 @@ def _tables(snap: dict[str, Any]) -> RenderableType:
 
 def _workers(snap: dict[str, Any], now: float) -> RenderableType:
     table = Table(title="workers", title_justify="left")
-    for col in ("#", "host", "GPU", "state", "trial", "running for", "heartbeat", "done here"):
+    for col in (
+        "#",
+        "box",
+        "host",
+        "GPU",
+        "state",
+        "trial",
+        "running for",
+        "heartbeat",
+        "done here",
+    ):
         table.add_column(col)
     beats = snap.get("heartbeats", {})
     for w in snap.get("workers", []):
@@ -184,6 +199,7 @@ def _workers(snap: dict[str, Any], now: float) -> RenderableType:
         )
         table.add_row(
             str(w["index"]),
+            str(w.get("box") or "-"),
             str(w.get("host") or "-"),
             str(w.get("gpu") if w.get("gpu") is not None else (w.get("device") or "-")),
             ("" if w["alive"] else "[red]dead[/] ") + str(w["state"]),

@@ -14,7 +14,7 @@ from typing import Any
 
 from abfleet.errors import AbfleetError, UserError
 from abfleet.ledger import Ledger
-from abfleet.monitor import Session, Target, backup_is_fresh
+from abfleet.monitor import RunView, Target, backup_is_fresh
 
 
 @dataclass
@@ -43,15 +43,15 @@ def assess(
     rec, run = target.instance, target.run
     snap, err = None, None
     if run is not None and rec.remote_root:
-        session = None
+        view = None
         try:
-            session = Session(target, timeout=timeout)
-            snap = session.snapshot()
+            view = RunView(ledger, target, timeout=timeout)
+            snap = view.snapshot()
         except AbfleetError as exc:
             err = str(exc)
         finally:
-            if session is not None:
-                session.close()
+            if view is not None:
+                view.close()
     live = None
     if provider is not None:
         try:

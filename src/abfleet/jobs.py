@@ -35,7 +35,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_JOB = "refusal"
-HEAD_STORAGE = "head"  # start Postgres on the first instance (distributed runs)
+HEAD_STORAGE = "head"  # launch: start Postgres on the first instance (distributed runs)
+ENV_STORAGE = "env"  # the URL is in ABFLEET_STORAGE_URL (how a box gets it: its 0600 env file)
+SPECIAL_STORAGE = (HEAD_STORAGE, ENV_STORAGE)
 
 
 class _Strict(BaseModel):
@@ -85,7 +87,7 @@ class Search(_Strict):
     @field_validator("storage")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
-        if value and value != HEAD_STORAGE:
+        if value and value not in SPECIAL_STORAGE:
             check_storage_url(value)
         return value
 

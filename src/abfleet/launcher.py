@@ -34,13 +34,14 @@ from abfleet.errors import (
     SshAuthError,
     UserError,
 )
-from abfleet.jobs import Job, bundle, load_job
+from abfleet.jobs import ENV_STORAGE, HEAD_STORAGE, Job, bundle, load_job
 from abfleet.ledger import InstanceRecord, Ledger, RunRecord
 from abfleet.paths import data_dir
 from abfleet.providers.base import FAILED, GONE, CreateSpec, Instance, Offer, Provider, Requirements
 from abfleet.resources import resource_path
 from abfleet.settings import settings
 from abfleet.sizing import Plan, plan_for
+from abfleet.storage_url import is_sqlite, resolve_shared
 
 Say = Callable[[str], None]
 Confirm = Callable[[str], bool]
@@ -72,8 +73,14 @@ def prepare(job_arg: str | None, flags: dict[str, Any]) -> Prepared:
 
 
 def requirements(
-    plan: Plan, disk_gb: int | None, max_price: float | None, exclude: tuple[int, ...] = ()
+    plan: Plan,
+    disk_gb: int | None,
+    max_price: float | None,
+    exclude: tuple[int, ...] = (),
+    workers: int = 1,
 ) -> Requirements:
+    """What to rent: the plan's GPUs for each of `workers` workers, and never less disk than
+    sizing says (a full disk while saving is how long runs were lost)."""
     disk = plan.disk_gb
     if disk_gb is not None:
         if disk_gb < plan.disk_gb:
@@ -87,7 +94,7 @@ def requirements(
             f"no GPU in config/gpus.toml holds {plan.gpu_memory_gb:.0f} GB: add a larger type or count"
         )
     return Requirements(
-        plan.gpu, plan.gpu_count, plan.gpu_memory_each_gb * 0.95, disk, max_price, exclude
+        plan.gpu, plan.gpu_count * workers, plan.gpu_memory_each_gb * 0.95, disk, max_price, exclude
     )
 
 
@@ -214,7 +221,8 @@ def wait_ready(
         if status != last:
             say(f"instance {instance_id}: {status}")
             last = status
-        if inst.ssh_ready:
+        # A machine the user already has (ssh, local) is used as it is: nothing to wait for.
+        if inst.ssh_ready or not provider.billable:
             try:
                 return inst, provider.connect(inst)
             except SshAuthError:
@@ -264,47 +272,111 @@ def create_and_wait(
     say: Say,
     ports: tuple[int, ...] = (),
 ) -> tuple[Instance, Any]:
-    cfg = settings().vast
+    """One instance: create_fleet of one."""
+    return create_fleet(provider, ledger, plan, req, run, n_trials, yes, confirm, say, 1, ports)[0]
+
+
+def create_fleet(
+    provider: Provider,
+    ledger: Ledger,
+    plan: Plan,
+    req: Requirements,
+    run: str,
+    n_trials: int,
+    yes: bool,
+    confirm: Confirm | None,
+    say: Say,
+    count: int = 1,
+    head_ports: tuple[int, ...] = (),
+) -> list[tuple[Instance, Any]]:
+    """Create `count` instances on distinct machines after one confirmation, then wait for each.
+
+    Every create is in the ledger before the provider answers; a box that fails to boot is
+    destroyed, confirmed gone, and replaced once on a machine not used yet. head_ports are
+    exposed on the first instance (Postgres for a shared study).
+    """
     reconcile_pending(provider, ledger, say)
-    offer = choose_offer(provider, req)
+    offers = _distinct_machines(provider.offers(req), count)
+    if len(offers) < count:
+        raise ProviderError(
+            f"only {len(offers)} machine(s) offer this; {count} instances were asked for"
+        )
     if provider.billable:
-        lines = describe_offer(offer, req, plan, n_trials)
+        lines = []
+        for offer in offers:
+            lines += describe_offer(offer, req, plan, n_trials)
+        if count > 1:
+            rate = sum(o.price_per_hour for o in offers)
+            hours = plan.hours_for(max(1, n_trials // count))
+            lines.append(
+                f"{count} instances: {rate:.3f} $/h together"
+                + (f", about {rate * hours:.2f} $ in all" if hours else "")
+            )
         for line in lines:
             say(line)
+        what = f"{offers[0].gpu_count}x {offers[0].gpu_name} instance at {offers[0].price_per_hour:.3f} $/h"
+        if count > 1:
+            what = f"{count} instances at {sum(o.price_per_hour for o in offers):.3f} $/h together"
         confirm_or_refuse(
-            f"create this {offer.gpu_count}x {offer.gpu_name} instance at {offer.price_per_hour:.3f} $/h",
-            lines,
-            yes,
-            confirm,
+            f"create this {what}" if count == 1 else f"create these {what}", lines, yes, confirm
         )
-    spec = CreateSpec(
-        label=f"abfleet:{run}",
+    used = {o.machine_id for o in offers if o.machine_id is not None}
+    created: list[tuple[Instance, CreateSpec]] = []
+    for i, offer in enumerate(offers):
+        spec = _spec(run, req, i, count, head_ports if i == 0 else ())
+        instance = create(provider, ledger, offer, spec, run)
+        say(f"created instance {instance.id} ({spec.label}); waiting for it to boot")
+        created.append((instance, spec))
+    ready = []
+    for instance, spec in created:
+        try:
+            ready.append(wait_ready(provider, instance.id, say))
+            continue
+        except BootFailed as exc:
+            say(f"{exc}; destroying it")
+            destroy_and_confirm(provider, ledger, instance.id)
+            if exc.instance.machine_id:
+                used.add(exc.instance.machine_id)
+        retry = Requirements(
+            req.gpu_name,
+            req.gpu_count,
+            req.gpu_memory_gb,
+            req.disk_gb,
+            req.max_price,
+            tuple(sorted(used)),
+        )
+        offer = choose_offer(provider, retry)
+        say(f"trying another machine once: offer {offer.id} at {offer.price_per_hour:.3f} $/h")
+        replacement = create(provider, ledger, offer, spec, run)
+        ready.append(wait_ready(provider, replacement.id, say))
+    return ready
+
+
+def _distinct_machines(offers: list[Offer], count: int) -> list[Offer]:
+    seen: set[int | None] = set()
+    out = []
+    for offer in offers:
+        if offer.machine_id is not None and offer.machine_id in seen:
+            continue
+        seen.add(offer.machine_id)
+        out.append(offer)
+        if len(out) == count:
+            break
+    return out
+
+
+def _spec(
+    run: str, req: Requirements, index: int, count: int, ports: tuple[int, ...]
+) -> CreateSpec:
+    cfg = settings().vast
+    return CreateSpec(
+        label=f"abfleet:{run}" + (f"#{index}" if count > 1 else ""),
         image=cfg.image,
         disk_gb=req.disk_gb,
         onstart=(resource_path("infra") / "onstart.sh").read_text(encoding="utf-8"),
         env={"ABFLEET_RUN": run},
         ports=ports,
     )
-    for attempt in (1, 2):
-        instance = create(provider, ledger, offer, spec, run)
-        say(f"created instance {instance.id} ({spec.label}); waiting for it to boot")
-        try:
-            return wait_ready(provider, instance.id, say)
-        except BootFailed as exc:
-            say(f"{exc}; destroying it")
-            destroy_and_confirm(provider, ledger, instance.id)
-            if attempt == 2:
-                raise
-            excluded = (
-                *req.exclude_machines,
-                *([exc.instance.machine_id] if exc.instance.machine_id else []),
-            )
-            req = Requirements(
-                req.gpu_name, req.gpu_count, req.gpu_memory_gb, req.disk_gb, req.max_price, excluded
-            )
-            offer = choose_offer(provider, req)
-            say(f"trying another machine once: offer {offer.id} at {offer.price_per_hour:.3f} $/h")
-    raise AbfleetError("unreachable")  # pragma: no cover
 
 
 def register(provider: Provider, ledger: Ledger, instance: Instance, box: Box) -> None:
@@ -336,8 +408,129 @@ def new_run_name(job: Job) -> str:
     return f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
+def launch(
+    job_arg: str | None,
+    flags: dict[str, Any],
+    provider_name: str,
+    host: str | None,
+    yes: bool,
+    max_price: float | None,
+    disk_gb: int | None,
+    workers: int,
+    instances: int,
+    resume: bool,
+    confirm: Confirm | None,
+    say: Say,
+    show_plan: Callable[[Plan], None] | None = None,
+) -> RunRecord:
+    """Size, rent (or register), set up and start a job on one or several boxes."""
+    from abfleet import headdb
+    from abfleet.core.pipeline import create_shared_study
+    from abfleet.providers import get_provider
+
+    if workers < 1 or instances < 1:
+        raise UserError("--workers and --instances must be at least 1")
+    prepared = prepare(job_arg, flags)
+    job, plan = prepared.job, prepared.plan
+    if show_plan:
+        show_plan(plan)
+    storage = job.spec.search.storage
+    head = storage == HEAD_STORAGE
+    if storage and not head:
+        storage = resolve_shared(storage)
+    if instances > 1 and (not storage or is_sqlite(storage)):
+        raise UserError(
+            f"{instances} instances need one shared study: --storage head (Postgres on the first instance) "
+            "or --storage postgresql://USER@HOST/DB; a SQLite study cannot be shared between boxes"
+        )
+    if storage and not head:
+        create_shared_study(
+            job, storage, resume
+        )  # unreachable or wrong password: fails here, unpaid
+    provider = get_provider(provider_name, host)
+    if instances > 1 and not provider.billable:
+        raise UserError(
+            "--instances is for rented boxes (--provider vast); give a Postgres URL to share a study with your own machines"
+        )
+    ledger = Ledger()
+    req = requirements(plan, disk_gb, max_price, workers=workers)
+    run = new_run_name(job)
+    pg_port = settings().vast.postgres_port
+    fleet = create_fleet(
+        provider,
+        ledger,
+        plan,
+        req,
+        run,
+        job.spec.search.n_trials,
+        yes,
+        confirm,
+        say,
+        instances,
+        (pg_port,) if head else (),
+    )
+    try:
+        boxes = []
+        for instance, remote in fleet:
+            box = setup(remote, say)
+            register(provider, ledger, instance, box)
+            boxes.append(box)
+        envs: list[dict[str, str]] = [{} for _ in fleet]
+        files: dict[str, Path] = {}
+        if head:
+            db = headdb.start(boxes[0], fleet[0][0], pg_port, local_run_dir(run), say)
+            create_shared_study(job, db.url_for_controller(), resume)
+            envs = [
+                {
+                    "ABFLEET_STORAGE_URL": db.url_on_head(b.run_dir(run))
+                    if i == 0
+                    else db.url_elsewhere(b.run_dir(run))
+                }
+                for i, b in enumerate(boxes)
+            ]
+            files = {headdb.CERT_NAME: db.local_cert}
+        elif storage:
+            envs = [{"ABFLEET_STORAGE_URL": storage} for _ in fleet]
+        for i, ((instance, _), box) in enumerate(zip(fleet, boxes, strict=True)):
+            gpus = gpu_groups(workers, plan.gpu_count, instance.gpu_count)
+            bp = BoxPlan(
+                first_index=i * workers,
+                workers=workers,
+                gpus=gpus,
+                env=envs[i],
+                shared_study=bool(storage),
+                extra_files=files,
+            )
+            submit_box(box, job, plan, run, say, bp)
+    finally:
+        for _, remote in fleet:
+            remote.close()
+    return record_run(
+        ledger,
+        provider.name,
+        [inst.id for inst, _ in fleet],
+        boxes[0].run_dir(run),
+        job,
+        run,
+        workers * instances,
+    )
+
+
 def local_run_dir(run: str) -> Path:
     return data_dir() / "runs" / run
+
+
+@dataclass
+class BoxPlan:
+    """What one box of a run gets: its workers, their GPUs, and how they reach the study."""
+
+    first_index: int = 0  # global index of its first worker (index 0 is the primary)
+    workers: int = 1
+    gpus: list[str] | None = None  # CUDA_VISIBLE_DEVICES per worker
+    env: dict[str, str] | None = None  # goes into the run's 0600 env file
+    shared_study: bool = False  # the study is in Postgres, created by the controller
+    study_file: Path | None = None  # a backed-up SQLite study to continue
+    extra_files: dict[str, Path] | None = None  # name in the run folder -> local file
 
 
 def submit(
@@ -350,14 +543,18 @@ def submit(
     ledger: Ledger,
     say: Say,
     workers: int = 1,
-    gpus: list[str] | None = None,
-    extra_env: dict[str, str] | None = None,
     study_file: Path | None = None,
 ) -> RunRecord:
-    """Send the job (and a local model) to the box and start its worker(s).
+    """One box, one run: send the job and start its worker(s); record the run."""
+    submit_box(box, job, plan, run, say, BoxPlan(workers=workers, study_file=study_file))
+    return record_run(ledger, provider_name, [instance_id], box.run_dir(run), job, run, workers)
 
-    A copy of the job stays in the local run folder (for `abfleet resume`); study_file, a
-    backed-up study, continues that study on this box.
+
+def submit_box(box: Box, job: Job, plan: Plan, run: str, say: Say, bp: BoxPlan) -> list[int]:
+    """Send the job (and a local model) to the box and start its workers.
+
+    A copy of the job stays in the local run folder (for `abfleet resume`). Secrets (HF token,
+    the study's URL with its password) go only into the run's mode-0600 env file.
     """
     from abfleet.core.source import materialize, resolve_source
 
@@ -375,29 +572,54 @@ def submit(
     staging = Path(tempfile.mkdtemp(prefix="abfleet-job-"))
     try:
         bundle(job, staging, model=model_spec)
+        overrides: dict[str, Any] = {}
         if plan.reset_copy == "cpu":
-            _set_reset_copy(staging / "job.toml", "cpu")
+            overrides["model_options.reset_copy"] = "cpu"
+        if bp.shared_study:
+            overrides["search.storage"] = ENV_STORAGE
+        _patch_toml(staging / "job.toml", overrides)
+        for name, path in (bp.extra_files or {}).items():
+            shutil.copyfile(path, staging / name)
         upload_tree(box.remote, staging, run_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    if study_file is not None:
-        box.remote.put(study_file, f"{run_dir}/study.db")
-    local = local_run_dir(run)
-    bundle(job, local / "job", model=job.spec.model)
-    write_env(box, run_dir, {**secret_env(), **(extra_env or {})})
+    if bp.study_file is not None:
+        box.remote.put(bp.study_file, f"{run_dir}/study.db")
+    bundle(job, local_run_dir(run) / "job", model=job.spec.model)
+    write_env(box, run_dir, {**secret_env(), **(bp.env or {})})
     pids = []
-    for index in range(workers):
-        gpu = gpus[index] if gpus and index < len(gpus) else ""
-        args = ("--secondary",) if index > 0 else ()
+    for i in range(bp.workers):
+        index = bp.first_index + i
+        gpu = bp.gpus[i] if bp.gpus and i < len(bp.gpus) else ""
+        args = (
+            *(("--secondary",) if index > 0 else ()),
+            *(("--no-create",) if bp.shared_study else ()),
+        )
         pids.append(start_worker(box, run_dir, index, gpu, args))
-    say(f"worker(s) started on {box.remote.label}: pid {', '.join(map(str, pids))}")
+    say(
+        f"worker(s) {bp.first_index}..{bp.first_index + bp.workers - 1} started on {box.remote.label}: pid {', '.join(map(str, pids))}"
+    )
+    return pids
+
+
+def record_run(
+    ledger: Ledger,
+    provider_name: str,
+    instance_ids: list[str],
+    remote_dir: str,
+    job: Job,
+    run: str,
+    workers: int,
+) -> RunRecord:
+    local = local_run_dir(run)
+    local.mkdir(parents=True, exist_ok=True)
     record = RunRecord(
         name=run,
         job=job.name,
         model=job.spec.model,
         provider=provider_name,
-        instance_id=instance_id,
-        remote_dir=run_dir,
+        instance_id=instance_ids[0],
+        remote_dir=remote_dir,
         local_dir=str(local),
         workers=workers,
         created_at=time.time(),
@@ -405,18 +627,40 @@ def submit(
         verified=False,
         last_backup_at=None,
         state="submitted",
+        instances=instance_ids,
     )
     ledger.add_run(record)
     return record
 
 
-def _set_reset_copy(job_toml: Path, value: str) -> None:
+def gpu_groups(workers: int, gpus_per_worker: int, gpus_on_box: int) -> list[str]:
+    """CUDA_VISIBLE_DEVICES of each worker: consecutive groups of gpus_per_worker GPUs."""
+    if gpus_on_box <= 0:
+        return [""] * workers
+    if workers * gpus_per_worker > gpus_on_box:
+        raise UserError(
+            f"{workers} workers x {gpus_per_worker} GPU(s) do not fit the box's {gpus_on_box} GPU(s)"
+        )
+    return [
+        ",".join(str(g) for g in range(i * gpus_per_worker, (i + 1) * gpus_per_worker))
+        for i in range(workers)
+    ]
+
+
+def _patch_toml(job_toml: Path, dotted: dict[str, Any]) -> None:
     import tomli_w
 
     from abfleet.jobs import tomllib
 
+    if not dotted:
+        return
     data = tomllib.loads(job_toml.read_text(encoding="utf-8"))
-    data.setdefault("model_options", {})["reset_copy"] = value
+    for key, value in dotted.items():
+        *parents, last = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
     job_toml.write_text(tomli_w.dumps(data), encoding="utf-8")
 
 

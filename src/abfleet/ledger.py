@@ -13,7 +13,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS runs (
     downloaded_at REAL,
     verified INTEGER DEFAULT 0,
     last_backup_at REAL,
-    state TEXT
+    state TEXT,
+    instances TEXT                 -- JSON list of every instance id the run spans
 );
 """
 
@@ -92,6 +93,7 @@ class RunRecord:
     verified: bool
     last_backup_at: float | None
     state: str | None
+    instances: list[str] = field(default_factory=list)
 
 
 class Ledger:
@@ -184,7 +186,7 @@ class Ledger:
     def add_run(self, record: RunRecord) -> None:
         with self._db() as db:
             db.execute(
-                "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     record.name,
                     record.job,
@@ -199,6 +201,7 @@ class Ledger:
                     int(record.verified),
                     record.last_backup_at,
                     record.state,
+                    json.dumps(record.instances or [record.instance_id]),
                 ),
             )
 
@@ -220,12 +223,8 @@ class Ledger:
         return [_run(r) for r in rows]
 
     def runs_on(self, provider: str, instance_id: str) -> list[RunRecord]:
-        with self._db() as db:
-            rows = db.execute(
-                "SELECT * FROM runs WHERE provider = ? AND instance_id = ? ORDER BY created_at",
-                (provider, instance_id),
-            ).fetchall()
-        return [_run(r) for r in rows]
+        """Runs on this instance, as their primary box or as one of several."""
+        return [r for r in self.runs() if r.provider == provider and instance_id in r.instances]
 
 
 def _instance(row: sqlite3.Row) -> InstanceRecord:
@@ -237,4 +236,7 @@ def _instance(row: sqlite3.Row) -> InstanceRecord:
 def _run(row: sqlite3.Row) -> RunRecord:
     data = dict(row)
     data["verified"] = bool(data["verified"])
+    data["instances"] = (
+        json.loads(data["instances"]) if data.get("instances") else [data["instance_id"]]
+    )
     return RunRecord(**data)

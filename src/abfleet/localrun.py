@@ -117,3 +117,90 @@ def write_pid(run: RunDir, worker: int) -> Path:
     tmp.write_text(f"{os.getpid()}\n")
     tmp.replace(path)
     return path
+
+
+def placement(workers: int) -> tuple[list[str], int]:
+    """CUDA_VISIBLE_DEVICES of each local worker (GPUs split evenly), and CPU threads each."""
+    import torch
+
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    if n_gpus == 0:
+        return [""] * workers, threads
+    if workers > n_gpus:
+        raise UserError(f"{workers} workers need a GPU each; this machine has {n_gpus}")
+    per = n_gpus // workers
+    return [
+        ",".join(str(g) for g in range(i * per, (i + 1) * per)) for i in range(workers)
+    ], threads
+
+
+def start_secondaries(prepared: Prepared, workers: int, resume: bool) -> list[Any]:
+    """Workers 1..N-1 as detached processes on the same study; worker 0 runs in this process."""
+    import subprocess
+    import sys
+
+    gpus, threads = placement(workers)
+    procs = []
+    for index in range(1, workers):
+        env = {**os.environ, "ABFLEET_THREADS": str(threads)}
+        if gpus[index]:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[index]
+        argv = [
+            sys.executable,
+            "-m",
+            "abfleet",
+            "worker",
+            "run",
+            "--run-dir",
+            str(prepared.run.path),
+            "--index",
+            str(index),
+            "--secondary",
+            "--no-create",
+            *(["--resume"] if resume else []),
+        ]
+        out = open(prepared.run.path / f"worker-{index}.out", "ab")  # noqa: SIM115 - the child owns it
+        procs.append(
+            subprocess.Popen(
+                argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        out.close()
+    if gpus[0]:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
+    apply_threads(threads)
+    return procs
+
+
+def apply_threads(threads: int | None = None) -> None:
+    """Several workers on one CPU share its cores instead of each taking them all."""
+    value = threads or int(os.environ.get("ABFLEET_THREADS", "0") or 0)
+    if value > 0:
+        import torch
+
+        torch.set_num_threads(value)
+
+
+def finish_secondaries(procs: list[Any], timeout: float = 600) -> None:
+    """Secondaries end by themselves once the study is complete; on a stop they are asked to
+    finish their current trial (SIGTERM), as the primary does."""
+    import signal
+    import subprocess
+
+    for proc in procs:
+        if proc.poll() is None and threading.current_thread() is threading.main_thread():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -56,6 +56,13 @@ class Session:
         self.remote: Remote = connect_record(target.instance, timeout=timeout)
 
     @property
+    def run_dir(self) -> str:
+        """The run's folder on this box (each box of a run has its own root)."""
+        run = require_run(self.target)
+        root = self.target.instance.remote_root
+        return f"{root}/runs/{run.name}" if root else (run.remote_dir or "")
+
+    @property
     def abfleet(self) -> str:
         root = self.target.instance.remote_root
         if not root:
@@ -65,9 +72,9 @@ class Session:
         return f"{root}/venv/bin/abfleet"
 
     def snapshot(self) -> dict[str, Any]:
-        run = require_run(self.target)
+        require_run(self.target)
         out = self.remote.run(
-            [self.abfleet, "worker", "report", "--json", "--run-dir", run.remote_dir or ""],
+            [self.abfleet, "worker", "report", "--json", "--run-dir", self.run_dir],
             timeout=60,
         )
         try:
@@ -90,14 +97,14 @@ class Session:
         last = read_backup_meta(local)
         if snap is not None and last and not force and _unchanged(snap, last):
             return {**last, "skipped": True}
-        remote_copy = f"{run.remote_dir}/.backup-{BACKUP_FILE}"
+        remote_copy = f"{self.run_dir}/.backup-{BACKUP_FILE}"
         out = self.remote.run(
             [
                 self.abfleet,
                 "worker",
                 "backup",
                 "--run-dir",
-                run.remote_dir or "",
+                self.run_dir,
                 "--out",
                 remote_copy,
             ],
@@ -113,7 +120,7 @@ class Session:
         for index in workers:
             for name in (f"worker-{index}.log", f"worker-{index}.out"):
                 with contextlib.suppress(OSError, RemoteError):
-                    self.remote.get(f"{run.remote_dir}/{name}", logs / f".{name}.tmp")
+                    self.remote.get(f"{self.run_dir}/{name}", logs / f".{name}.tmp")
                     (logs / f".{name}.tmp").replace(logs / name)
         meta = {
             "at": time.time(),
@@ -173,3 +180,88 @@ def backup_is_fresh(local: Path, snap: dict[str, Any] | None) -> tuple[bool | No
     if meta["complete"] >= now:
         return True, f"last backup {when} holds all {now} completed trials"
     return False, f"last backup {when} holds {meta['complete']} of {now} completed trials"
+
+
+class RunView:
+    """Every box of a run: one session each, snapshots merged into one view of the run.
+
+    The study is shared, so trials and the Pareto front come from the primary box (the one
+    that exports); the workers, GPUs and disks of all boxes are listed side by side.
+    """
+
+    def __init__(self, ledger: Ledger, target: Target, timeout: float | None = None) -> None:
+        run = require_run(target)
+        self.ledger = ledger
+        records = [ledger.instance(run.provider, iid) for iid in run.instances]
+        self.targets = [Target(r, run) for r in records if r is not None and r.state == "active"]
+        if not self.targets:
+            raise UserError(f"run {run.name} has no live instance left")
+        self.timeout = timeout
+        self.sessions: dict[str, Session] = {}
+        self.errors: dict[str, str] = {}
+
+    @property
+    def primary(self) -> Target:
+        return self.targets[0]
+
+    def session(self, target: Target) -> Session:
+        iid = target.instance.instance_id or ""
+        if iid not in self.sessions:
+            self.sessions[iid] = Session(target, timeout=self.timeout)
+        return self.sessions[iid]
+
+    def snapshot(self) -> dict[str, Any]:
+        """Merged snapshot; fails only if the primary box cannot answer."""
+        snaps = []
+        self.errors = {}
+        for target in self.targets:
+            iid = target.instance.instance_id or ""
+            try:
+                snap = self.session(target).snapshot()
+            except AbfleetError as exc:
+                self.drop(iid)
+                if target is self.primary:
+                    raise
+                self.errors[iid] = str(exc).splitlines()[0]
+                continue
+            snaps.append((iid, snap))
+        return merge_snapshots(snaps, self.errors)
+
+    def backup(self, snap: dict[str, Any] | None, force: bool = False) -> dict[str, Any]:
+        return self.session(self.primary).backup(self.ledger, snap, force)
+
+    def drop(self, iid: str) -> None:
+        session = self.sessions.pop(iid, None)
+        if session is not None:
+            with contextlib.suppress(Exception):
+                session.close()
+
+    def close(self) -> None:
+        for iid in list(self.sessions):
+            self.drop(iid)
+
+
+def merge_snapshots(
+    snaps: list[tuple[str, dict[str, Any]]], errors: dict[str, str] | None = None
+) -> dict[str, Any]:
+    _, base = snaps[0]
+    merged = dict(base)
+    workers, gpus, disks = [], [], []
+    for iid, snap in snaps:
+        for w in snap.get("workers", []):
+            workers.append({**w, "box": iid})
+        for g in snap.get("gpus", []):
+            gpus.append({**g, "box": iid})
+        if snap.get("disk"):
+            disks.append({**snap["disk"], "box": iid})
+    merged["workers"] = sorted(workers, key=lambda w: w["index"])
+    merged["gpus"] = gpus
+    merged["disks"] = disks
+    merged["boxes"] = [iid for iid, _ in snaps]
+    merged["unreachable"] = errors or {}
+    median, total = merged.get("median_trial_s"), merged.get("trials", {}).get("total")
+    alive = sum(1 for w in workers if w["alive"])
+    if median and total:
+        remaining = max(0, total - merged["trials"].get("complete", 0))
+        merged["eta_s"] = round(remaining * median / max(1, alive), 1)
+    return merged

@@ -246,6 +246,10 @@ class LocalRemote:
             )
         except subprocess.TimeoutExpired as exc:
             raise RemoteError(f"`{shlex.join(argv)[:120]}` timed out after {timeout} s") from exc
+        except FileNotFoundError:
+            # What a shell on a box answers for a missing program, so callers see one behaviour.
+            result = Result(127, "", f"{argv[0]}: command not found")
+            return _check(result, argv, self.label) if check else result
         result = Result(proc.returncode, proc.stdout, proc.stderr)
         return _check(result, argv, self.label) if check else result
 

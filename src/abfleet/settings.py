@@ -36,6 +36,9 @@ class VastSettings(_Section):
     boot_timeout_s: float = Field(gt=0)
     poll_s: float = Field(gt=0)
     server_url: str | None = None  # tests point the SDK at a local fake
+    postgres_port: int = Field(
+        default=5432, gt=0, lt=65536
+    )  # the head's Postgres, inside its container
 
 
 class SshSettings(_Section):

@@ -149,6 +149,9 @@ def _study(run: RunDir, job: dict[str, Any]) -> dict[str, Any]:
         from abfleet.core.result import pareto_front
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)
+        from abfleet.storage_url import normalize_url
+
+        url = normalize_url(url)
         storage = optuna.storages.RDBStorage(
             url, engine_kwargs=_engine_kwargs(url), skip_compatibility_check=True
         )
@@ -190,7 +193,7 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
 
 def _storage_url(run: RunDir, job: dict[str, Any]) -> str | None:
     setting = job.get("storage_setting")
-    if setting == "head":
+    if setting in ("head", "env"):
         return os.environ.get("ABFLEET_STORAGE_URL") or _env_file_value(run, "ABFLEET_STORAGE_URL")
     return setting or f"sqlite:///{run.study_db}"
 

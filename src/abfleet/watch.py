@@ -16,7 +16,7 @@ from abfleet.console import console
 from abfleet.dashboard import ViewInfo, render
 from abfleet.errors import AbfleetError
 from abfleet.ledger import Ledger
-from abfleet.monitor import Session, Target, read_backup_meta
+from abfleet.monitor import RunView, Target, read_backup_meta
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class Watcher:
         self.ledger = ledger
         self.target = target
         self.backup = backup
-        self.session: Session | None = None
+        self.runview: RunView | None = None
         self.snapshot: dict | None = None
         self.failures = 0
         self.next_try = 0.0
@@ -45,9 +45,9 @@ class Watcher:
         if now < self.next_try:
             return
         try:
-            if self.session is None:
-                self.session = Session(self.target, timeout=15)
-            snap = self.session.snapshot()
+            if self.runview is None:
+                self.runview = RunView(self.ledger, self.target, timeout=15)
+            snap = self.runview.snapshot()
             self.snapshot = snap
             self.info.refreshed_at = time.time()
             self.info.stale_since = None
@@ -56,7 +56,7 @@ class Watcher:
             if self.target.run is not None and snap.get("state"):
                 self.ledger.update_run(self.target.run.name, state=snap["state"])
             if self.backup:
-                self.info.backup = self.session.backup(self.ledger, snap)
+                self.info.backup = self.runview.backup(snap)
         except (AbfleetError, OSError, EOFError, ValueError) as exc:
             self._lost(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         except Exception as exc:
@@ -68,19 +68,19 @@ class Watcher:
         if self.info.stale_since is None:
             self.info.stale_since = time.time()
         self.info.error = why
-        if self.session is not None:
+        if self.runview is not None:
             try:
-                self.session.close()
+                self.runview.close()
             finally:
-                self.session = None
+                self.runview = None
         self.next_try = time.time() + min(2 ** (self.failures - 1), 30)
 
     def view(self):
         return render(self.snapshot, self.info)
 
     def close(self) -> None:
-        if self.session is not None:
-            self.session.close()
+        if self.runview is not None:
+            self.runview.close()
 
 
 def _local(target: Target):

@@ -105,7 +105,23 @@ def offers_cmd(
 @yes_option
 @click.option("--max-price", type=float, help="Highest $/h to rent at.")
 @click.option("--disk", "disk_gb", type=int, help="Disk in GB (never below what sizing says).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Workers on the box.")
+@click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Workers per box (each gets the GPUs one model needs).",
+)
+@click.option(
+    "--instances",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Boxes sharing one study (needs --storage head or a Postgres URL).",
+)
+@click.option(
+    "--resume", is_flag=True, help="Continue a shared study made by a different job spec."
+)
 @click.pass_context
 def launch_cmd(
     ctx: click.Context,
@@ -116,41 +132,39 @@ def launch_cmd(
     max_price: float | None,
     disk_gb: int | None,
     workers: int,
+    instances: int,
+    resume: bool,
     **kwargs: Any,
 ) -> None:
-    """Size, rent, set up and start JOB on a box, in one go.
+    """Size, rent, set up and start JOB on a box (or several), in one go.
 
     Shows the GPU, disk, $/h and estimated cost, and asks before renting (--yes for scripts).
     """
     setup_logging(ctx.obj.get("verbose", False))
-    prepared = launcher.prepare(job, pop_job_flags(kwargs))
-    render_sizing(prepared.plan, False)
-    prov = get_provider(provider, host)
-    ledger = Ledger()
-    req = launcher.requirements(prepared.plan, disk_gb, max_price)
-    run = launcher.new_run_name(prepared.job)
-    instance, remote = launcher.create_and_wait(
-        prov,
-        ledger,
-        prepared.plan,
-        req,
-        run,
-        prepared.job.spec.search.n_trials,
+    record = launcher.launch(
+        job,
+        pop_job_flags(kwargs),
+        provider,
+        host,
         yes,
+        max_price,
+        disk_gb,
+        workers,
+        instances,
+        resume,
         confirm_fn(),
         say,
+        show_plan=lambda plan: render_sizing(plan, False),
     )
-    try:
-        box = launcher.setup(remote, say)
-        launcher.register(prov, ledger, instance, box)
-        record = launcher.submit(
-            prov.name, instance.id, box, prepared.job, prepared.plan, run, ledger, say, workers
-        )
-    finally:
-        remote.close()
+    first = record.instances[0]
+    where = (
+        f"instance {first}"
+        if len(record.instances) == 1
+        else f"instances {', '.join(record.instances)}"
+    )
     console.print(
-        f"[bold green]launched[/] run {record.name} on instance {instance.id}. "
-        f"Follow it with `abfleet watch {instance.id}` or `abfleet progress {instance.id}`."
+        f"[bold green]launched[/] run {record.name} on {where}. "
+        f"Follow it with `abfleet watch {first}` or `abfleet progress {first}`."
     )
 
 

@@ -16,7 +16,7 @@ from abfleet.cli.fleet import choose_fn, confirm_fn, say
 from abfleet.console import console, err_console, is_interactive, setup_logging
 from abfleet.errors import AbfleetError, Declined
 from abfleet.ledger import Ledger
-from abfleet.monitor import Session, Target, pick_run, require_run
+from abfleet.monitor import RunView, Session, Target, pick_run, require_run
 from abfleet.render import fmt_kl, fmt_refusals
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -126,12 +126,12 @@ def progress_cmd(
     ledger = Ledger()
     target = _target(ledger, instance, run_name)
     require_run(target)
-    session = Session(target)
+    view = RunView(ledger, target)
     try:
-        snap = session.snapshot()
-        backup = None if no_backup else session.backup(ledger, snap)
+        snap = view.snapshot()
+        backup = None if no_backup else view.backup(snap)
     finally:
-        session.close()
+        view.close()
     _note_state(ledger, target, snap)
     if as_json:
         click.echo(json.dumps({**snap, "backup": backup}, default=str))
@@ -193,9 +193,9 @@ def logs_cmd(
     """The worker's log on the box."""
     ledger = Ledger()
     target = _target(ledger, instance, run_name)
-    run = require_run(target)
-    path = f"{run.remote_dir}/worker-{worker_index}.log"
+    require_run(target)
     session = Session(target)
+    path = f"{session.run_dir}/worker-{worker_index}.log"
     try:
         out = session.remote.run(["tail", "-n", str(lines), path], timeout=60, check=False)
         if out.code != 0:
@@ -249,12 +249,11 @@ def backup_cmd(instance: str | None, run_name: str | None) -> None:
     ledger = Ledger()
     target = _target(ledger, instance, run_name)
     run = require_run(target)
-    session = Session(target)
+    view = RunView(ledger, target)
     try:
-        snap = session.snapshot()
-        meta = session.backup(ledger, snap, force=True)
+        meta = view.backup(view.snapshot(), force=True)
     finally:
-        session.close()
+        view.close()
     console.print(
         f"backed up {meta['complete']} completed trials to {Path(run.local_dir) / 'study.db'} and the logs to {Path(run.local_dir) / 'logs'}"
     )
@@ -300,13 +299,14 @@ def download_cmd(
     ledger = Ledger()
     target = _target(ledger, instance, run_name)
     run = require_run(target)
+    primary = RunView(ledger, target).primary  # the box that exported the model
     dest = (to_dir or Path("runs") / run.name / "model").resolve()
     columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("download", total=None)
         result = download(
-            lambda: connect_record(target.instance),
-            f"{run.remote_dir}/model",
+            lambda: connect_record(primary.instance),
+            f"{primary.instance.remote_root}/runs/{run.name}/model",
             dest,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             prefer_rsync=not sftp,
@@ -321,11 +321,11 @@ def download_cmd(
     )
     # The study and logs come home too: a destroy needs a current backup.
     try:
-        session = Session(target)
+        view = RunView(ledger, target)
         try:
-            session.backup(ledger, session.snapshot())
+            view.backup(view.snapshot())
         finally:
-            session.close()
+            view.close()
     except AbfleetError as exc:
         err_console.print(
             f"[yellow]warning:[/] the study backup failed ({exc}); run `abfleet backup` before destroying"

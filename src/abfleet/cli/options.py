@@ -19,7 +19,8 @@ def job_flags(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--seed", type=int, help="Sampler seed."),
         click.option(
             "--storage",
-            help="Study storage: any SQLAlchemy URL (default: SQLite in the run folder).",
+            help="Study storage: a SQLAlchemy URL, `env` (the URL is in ABFLEET_STORAGE_URL) or, "
+            "for launch, `head` (Postgres on the first box). Default: SQLite in the run folder.",
         ),
         click.option("--study", help="Study name (default: the job's name)."),
         click.option("--output", help="Run folder (default: runs/<job name>)."),
@@ -60,4 +61,13 @@ JOB_FLAG_NAMES = (
 
 
 def pop_job_flags(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {name: kwargs.pop(name) for name in JOB_FLAG_NAMES if name in kwargs}
+    from abfleet.console import warn
+    from abfleet.storage_url import has_password
+
+    flags = {name: kwargs.pop(name) for name in JOB_FLAG_NAMES if name in kwargs}
+    if flags.get("storage") and has_password(flags["storage"]):
+        warn(
+            "the --storage URL carries a password, which other users of this machine can read in "
+            "its process list: prefer `--storage env` with ABFLEET_STORAGE_URL, or PGPASSWORD"
+        )
+    return flags

@@ -39,8 +39,15 @@ class ConsoleReporter:
 @click.argument("job", required=False)
 @job_flags
 @click.option("--resume", is_flag=True, help="Continue a study made by a different job spec.")
+@click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Worker processes sharing the study (one per GPU).",
+)
 @click.pass_context
-def run_cmd(ctx: click.Context, job: str | None, resume: bool, **kwargs: Any) -> None:
+def run_cmd(ctx: click.Context, job: str | None, resume: bool, workers: int, **kwargs: Any) -> None:
     """Run JOB on this machine (default: jobs/refusal.toml on the demo model).
 
     JOB is a path or the name of a shipped job (refusal, verbosity, hedging). The study lives in
@@ -59,14 +66,25 @@ def run_cmd(ctx: click.Context, job: str | None, resume: bool, **kwargs: Any) ->
         f"{spec.search.n_trials} trials, run folder {run.path}"
     )
     localrun.write_pid(run, 0)
+    secondaries = []
+    if workers > 1:
+        from abfleet.core.pipeline import create_shared_study, storage_url
+
+        create_shared_study(prepared.job, storage_url(prepared.job, run), resume)
+        secondaries = localrun.start_secondaries(prepared, workers, resume)
+        console.print(
+            f"{workers} workers share the study: worker 0 here, 1..{workers - 1} in {run.path}/worker-N.log"
+        )
 
     def first_signal(_signum: int) -> None:
         console.print("[yellow]stopping after the current trial (Ctrl+C again to abort)[/]")
 
-    with localrun.StopFlag(first_signal) as stop, localrun.cleanup_on_bad_input(prepared):
-        result = run_job(
-            prepared.job, run, ConsoleReporter(), RunOptions(resume=resume, should_stop=stop.is_set)
-        )
+    try:
+        with localrun.StopFlag(first_signal) as stop, localrun.cleanup_on_bad_input(prepared):
+            options = RunOptions(resume=resume, should_stop=stop.is_set, create_study=workers == 1)
+            result = run_job(prepared.job, run, ConsoleReporter(), options)
+    finally:
+        localrun.finish_secondaries(secondaries)
     _render(result, prepared)
     if result.state == "stopped":
         sys.exit(130)

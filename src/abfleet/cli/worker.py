@@ -48,6 +48,7 @@ def worker_run(run_dir: Path, index: int, secondary: bool, resume: bool, no_crea
 
     run = RunDir(run_dir.resolve())
     setup_logging(verbose=False, log_file=str(run.log_file(index)))
+    localrun.apply_threads()
     job = load_job(str(run.job_file))
     localrun.write_pid(run, index)
     options = RunOptions(

@@ -32,8 +32,9 @@ from abfleet.core.markers import MarkerMatcher
 from abfleet.core.model import LoadedModel, load_model, materialize, resolve_source
 from abfleet.core.result import choose_trial, completed, pareto_front
 from abfleet.errors import AbfleetError, UserError
-from abfleet.jobs import HEAD_STORAGE, Job
+from abfleet.jobs import SPECIAL_STORAGE, Job
 from abfleet.rundir import RunDir, StatusWriter
+from abfleet.storage_url import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +111,13 @@ def worker_label(index: int) -> str:
 
 def storage_url(job: Job, run: RunDir) -> str:
     url = job.spec.search.storage
-    if url == HEAD_STORAGE:
-        # On a box the controller replaces "head" with the real URL through the env file.
+    if url in SPECIAL_STORAGE:
+        # On a box the controller passes the real URL (with its password) in the 0600 env file.
         url = os.environ.get("ABFLEET_STORAGE_URL", "")
         if not url:
-            raise UserError("storage 'head' needs ABFLEET_STORAGE_URL (set by abfleet launch)")
+            raise UserError(
+                f"storage {job.spec.search.storage!r} needs ABFLEET_STORAGE_URL (set by abfleet launch)"
+            )
     return search.storage_url_for(run.path, url or None)
 
 
@@ -180,7 +183,7 @@ def _run(
         orphans = _recover_local_orphans(study, storage, run)
         if orphans:
             log.info("re-queued %d trial(s) left running by an earlier process", orphans)
-    status.update(study=job.study_name, storage=search.redact_url(url))
+    status.update(study=job.study_name, storage=redact_url(url))
 
     _set_phase(status, reporter, "loading", spec.model)
     source = materialize(
@@ -302,7 +305,7 @@ def _run(
         "model": {"source": source.display, "asked": spec.model, "dtype": loaded.dtype},
         "study": {
             "name": job.study_name,
-            "storage": search.redact_url(url),
+            "storage": redact_url(url),
             "complete": len(trials),
         },
         "chosen": {**chosen, "ablation": params.to_dict()},
@@ -421,3 +424,33 @@ def _baseline(study: Any, storage: Any, evaluator: Evaluator) -> dict[str, Any]:
         data = scores.to_dict()
         study.set_user_attr("baseline", data)
         return data
+
+
+def create_shared_study(job: Job, url: str, resume: bool = False) -> str:
+    """The controller creates a shared study once, before any worker starts; workers only load it.
+
+    Opening the storage here is also the check that it is reachable with these credentials,
+    done before anything is rented. Returns the job's fingerprint.
+    """
+    prompts = job.load_all_prompts()
+    fingerprint = job.fingerprint(prompts)
+    spec = job.spec.search
+    settings = search.SearchSettings(
+        n_trials=spec.n_trials,
+        seed=spec.seed,
+        n_startup_trials=job.n_startup_trials,
+        heartbeat_interval=spec.heartbeat_interval,
+        grace_period=3 * spec.heartbeat_interval,
+    )
+    storage = search.open_storage(url, settings)
+    try:
+        search.create_or_load_study(
+            storage,
+            job.study_name,
+            fingerprint,
+            search.make_sampler(settings),
+            allow_mismatch=resume,
+        )
+    finally:
+        storage.engine.dispose()
+    return fingerprint
