@@ -447,6 +447,10 @@ def ssh_command(remote: SshRemote) -> list[str]:
         "ServerAliveInterval=15",
         "-o",
         "ServerAliveCountMax=3",
+        # AES-GCM first: with AES-NI (every GPU host) it encrypts several times faster than
+        # the default ChaCha20, and a multi-GB download is bound by ssh's CPU.
+        "-o",
+        "Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr",
     ]
     if t.key_file:
         cmd += ["-i", t.key_file, "-o", "IdentitiesOnly=yes"]
