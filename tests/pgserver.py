@@ -84,25 +84,10 @@ class PgServer:
             "-w",
             "start",
         )
-        _as_postgres(
-            str(bin_dir / "createdb"),
-            "-h",
-            str(self.dir),
-            "-p",
-            str(self.port),
-            "-U",
-            self.user,
-            self.database,
-            env={"PGPASSWORD": self.password},
-        )
+        self._createdb(self.database)
         return self
 
-    def url(self, password: str | None = None, database: str | None = None) -> str:
-        return f"postgresql://{self.user}:{password or self.password}@127.0.0.1:{self.port}/{database or self.database}"
-
-    def new_database(self) -> str:
-        """A fresh database on this server; returns its URL."""
-        name = "t_" + secrets.token_hex(6)
+    def _createdb(self, name: str) -> None:
         _as_postgres(
             str(pg_bin() / "createdb"),
             "-h",
@@ -114,6 +99,14 @@ class PgServer:
             name,
             env={"PGPASSWORD": self.password},
         )
+
+    def url(self, password: str | None = None, database: str | None = None) -> str:
+        return f"postgresql://{self.user}:{password or self.password}@127.0.0.1:{self.port}/{database or self.database}"
+
+    def new_database(self) -> str:
+        """A fresh database on this server; returns its URL."""
+        name = "t_" + secrets.token_hex(6)
+        self._createdb(name)
         return self.url(database=name)
 
     def stop(self) -> None:

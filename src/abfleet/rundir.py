@@ -100,3 +100,19 @@ class StatusWriter:
     def flush(self) -> None:
         self.data["updated_at"] = time.time()
         write_json_atomic(self.run.status_file(self.worker), self.data)
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether pid is a live abfleet process (a recycled pid running something else is not)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return b"abfleet" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # no /proc (macOS): the signal check is all there is
+        return True

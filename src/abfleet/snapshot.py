@@ -18,7 +18,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from abfleet.rundir import FINAL_STATES, RunDir
+from abfleet.rundir import FINAL_STATES, RunDir, pid_alive
 
 PARETO_ROWS = 10
 
@@ -56,28 +56,12 @@ def _job_info(run: RunDir) -> dict[str, Any]:
     }
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):
-        # A recycled pid is not our worker: a worker's command line names the worker command.
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        return b"worker" in cmdline
-    return True
-
-
 def _worker(run: RunDir, index: int) -> dict[str, Any]:
     status = run.read_status(index)
     pid = status.get("pid")
     with contextlib.suppress(OSError, ValueError):
         pid = int(run.pid_file(index).read_text().strip())
-    alive = _pid_alive(pid)
+    alive = pid_alive(pid)
     state = status.get("state", "starting")
     if not alive and state not in FINAL_STATES:
         # The process is gone without saying why (killed, OOM, box rebooted).

@@ -33,7 +33,7 @@ from abfleet.core.model import LoadedModel, load_model, materialize, resolve_sou
 from abfleet.core.result import choose_trial, completed, pareto_front
 from abfleet.errors import AbfleetError, UserError
 from abfleet.jobs import SPECIAL_STORAGE, Job
-from abfleet.rundir import RunDir, StatusWriter
+from abfleet.rundir import RunDir, StatusWriter, pid_alive
 from abfleet.storage_url import redact_url
 
 log = logging.getLogger(__name__)
@@ -354,19 +354,9 @@ def _recover_local_orphans(study: Any, storage: Any, run: RunDir) -> int:
             pid = int(run.pid_file(worker).read_text().strip())
         except (OSError, ValueError):
             continue
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             alive.append(pid)
     return 0 if alive else search.recover_orphans(study, storage)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---------------------------------------------------------------------------------------------
