@@ -19,7 +19,7 @@ from abfleet.jobs import load_job
 from abfleet.rundir import RunDir
 
 pytestmark = pytest.mark.slow
-TRIALS = 16
+TRIALS = 10  # seed 42 reaches <= 12/60 within its first random trials; the rest is margin
 
 
 @pytest.fixture(scope="module")
