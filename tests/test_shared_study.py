@@ -230,3 +230,38 @@ def test_a_postgres_password_from_the_environment_reaches_the_box_only_in_its_en
     )
     assert warned.returncode == 0 and "process list" in warned.stderr
     assert pg_server.password not in warned.stderr + warned.stdout
+
+
+def test_submit_and_resume_keep_a_postgres_password_off_the_box_job(
+    pg_server, tmp_path, tiny_model_dir
+):
+    """`submit --storage env` creates the study here and gives the box its URL only in the env
+    file; `resume` of that run continues from the local SQLite backup, not the Postgres."""
+    url = pg_server.new_database()
+    job = write_job(tmp_path / "job", str(tiny_model_dir), n_trials=2)
+    root = tmp_path / "box"
+    env = {"ABFLEET_REMOTE_ROOT": str(root), "ABFLEET_STORAGE_URL": url}
+    for argv in (
+        ("create", str(tiny_model_dir), "--provider", "local", "--yes"),
+        ("setup", "local"),
+        ("submit", "local", str(job), "--storage", "env"),
+    ):
+        proc = abfleet(*argv, env=env)
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert wait_for_state(root, timeout=300)["state"] == "done"
+    [job_on_box] = root.glob("runs/*/job.toml")
+    assert 'storage = "env"' in job_on_box.read_text()
+    assert pg_server.password not in job_on_box.read_text()
+    assert len([t for t in study_of(url).trials if t.state.name == "COMPLETE"]) == 2
+
+    head = abfleet("submit", "local", str(job), "--storage", "head", env=env)
+    assert head.returncode == 2 and "abfleet launch --storage head" in head.stderr
+
+    [run] = Ledger().runs()
+    backup = abfleet("backup", "local", env=env)
+    assert backup.returncode == 0, backup.stderr
+    resumed = abfleet("resume", run.name, "--here", "--trials", "3", env=env, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+    assert "3/3 trials" in resumed.stdout
+    # The third trial went to the resumed SQLite study, not to the Postgres one.
+    assert len(study_of(url).trials) == 2

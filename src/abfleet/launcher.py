@@ -546,7 +546,25 @@ def submit(
     study_file: Path | None = None,
 ) -> RunRecord:
     """One box, one run: send the job and start its worker(s); record the run."""
-    submit_box(box, job, plan, run, say, BoxPlan(workers=workers, study_file=study_file))
+    from abfleet.core.pipeline import create_shared_study
+
+    bp = BoxPlan(workers=workers, study_file=study_file)
+    storage = job.spec.search.storage
+    if storage == HEAD_STORAGE:
+        raise UserError(
+            "--storage head starts Postgres while renting boxes: use `abfleet launch --storage head`"
+        )
+    if storage:
+        # A study elsewhere: created here first, its URL (and password) only in the env file.
+        url = resolve_shared(storage)
+        create_shared_study(job, url)
+        bp = BoxPlan(
+            workers=workers,
+            study_file=study_file,
+            shared_study=True,
+            env={"ABFLEET_STORAGE_URL": url},
+        )
+    submit_box(box, job, plan, run, say, bp)
     return record_run(ledger, provider_name, [instance_id], box.run_dir(run), job, run, workers)
 
 

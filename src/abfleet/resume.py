@@ -53,7 +53,9 @@ def resume(
     say(
         f"resuming {run_name} from its backup of {time.strftime('%Y-%m-%d %H:%M', time.localtime(meta['at']))} ({meta['complete']} completed trials)"
     )
-    overrides: dict[str, Any] = {"trials": trials} if trials else {}
+    # The backup is a SQLite study: the resumed run uses it, whatever store the first run had
+    # (a head Postgres went with its box).
+    overrides: dict[str, Any] = {"storage": "", **({"trials": trials} if trials else {})}
     if here:
         _resume_here(run_name, study, job_file, overrides, say)
         return
