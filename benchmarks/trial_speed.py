@@ -73,6 +73,19 @@ def measured(cwd: Path, argv: list[str], env: dict[str, str] | None = None) -> d
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def summary(tool: str, res: dict, before: int | None, rows: list, points: list) -> dict:
+    """One tool's row: process figures, trial timings and its Pareto points."""
+    return {
+        "tool": tool,
+        "rc": res["rc"],
+        "peak_rss_mib": round(res["peak_rss_mib"]),
+        "wall_s": round(res["ended"] - res["started"], 1),
+        "before": before,
+        **trial_stats(rows, res["started"]),
+        "points": points,
+    }
+
+
 def trial_stats(rows: list[dict], started: float) -> dict:
     done = [r for r in rows if r["state"] == "COMPLETE" and r["start"] and r["complete"]]
     durations = [r["complete"] - r["start"] for r in done]
@@ -146,15 +159,7 @@ def run_abfleet(args: argparse.Namespace, model_dir: Path) -> dict:
         if r["state"] == "COMPLETE"
     ]
     before = study.user_attrs["baseline"]["refusals"]
-    return {
-        "tool": "abfleet",
-        "rc": res["rc"],
-        "peak_rss_mib": round(res["peak_rss_mib"]),
-        "wall_s": round(res["ended"] - res["started"], 1),
-        "before": before,
-        **trial_stats(rows, res["started"]),
-        "points": points,
-    }
+    return summary("abfleet", res, before, rows, points)
 
 
 def run_reference(args: argparse.Namespace, model_dir: Path) -> dict:
@@ -215,15 +220,7 @@ def run_reference(args: argparse.Namespace, model_dir: Path) -> dict:
     for line in log.splitlines():
         if "Initial refusals:" in line:
             before = int(line.split("Initial refusals:")[1].split("/")[0].strip())
-    return {
-        "tool": "heretic 1.4.0",
-        "rc": res["rc"],
-        "peak_rss_mib": round(res["peak_rss_mib"]),
-        "wall_s": round(res["ended"] - res["started"], 1),
-        "before": before,
-        **trial_stats(rows, res["started"]),
-        "points": points,
-    }
+    return summary("heretic 1.4.0", res, before, rows, points)
 
 
 def setup_reference(venv: Path) -> None:
