@@ -193,14 +193,13 @@ def _env_file_value(run: RunDir, key: str) -> str | None:
 
 
 def _point(t: Any) -> dict[str, Any]:
-    a = t.user_attrs
+    from abfleet.core.result import trial_row
+
+    row = trial_row(t)
     return {
-        "trial": t.number,
-        "refusals": int(a.get("refusals", t.values[0])),
-        "n_bad": int(a.get("n_bad", 0)),
-        "kl": round(float(a.get("kl", t.values[1])), 4),
-        "degenerate": int(a.get("degenerate", 0)),
-        "worker": a.get("worker"),
+        **{k: row[k] for k in ("trial", "refusals", "n_bad", "degenerate")},
+        "kl": round(row["kl"], 4),
+        "worker": t.user_attrs.get("worker"),
     }
 
 

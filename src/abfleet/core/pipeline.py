@@ -30,7 +30,7 @@ from abfleet.core.evaluate import Evaluator, Scores
 from abfleet.core.export import export_model
 from abfleet.core.markers import MarkerMatcher
 from abfleet.core.model import LoadedModel, load_model, materialize, resolve_source
-from abfleet.core.result import choose_trial, completed, pareto_front
+from abfleet.core.result import choose_trial, completed, pareto_front, trial_row
 from abfleet.errors import AbfleetError, UserError
 from abfleet.jobs import SPECIAL_STORAGE, Job
 from abfleet.rundir import RunDir, StatusWriter, pid_alive
@@ -89,19 +89,6 @@ class RunResult:
     complete: int = 0
     n_trials: int = 0
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def trial_row(t: Any) -> dict[str, Any]:
-    a = t.user_attrs
-    return {
-        "trial": t.number,
-        "refusals": int(a.get("refusals", t.values[0])),
-        "n_bad": int(a.get("n_bad", 0)),
-        "kl": float(a.get("kl", t.values[1])),
-        "degenerate": int(a.get("degenerate", 0)),
-        "seconds": float(a.get("seconds", 0.0)),
-        "params": t.params,
-    }
 
 
 def worker_label(index: int) -> str:

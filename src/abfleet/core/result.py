@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -53,3 +54,17 @@ def choose_trial(
         return Choice(best, f"fewest refusals with KL <= {kl_limit:g}", True)
     best = min(trials, key=lambda t: (t.values[1], t.number))
     return Choice(best, f"no trial has KL <= {kl_limit:g}: lowest KL instead", False)
+
+
+def trial_row(t: FrozenTrial) -> dict[str, Any]:
+    """A trial's figures as raw counts, from its user attributes (values as the fallback)."""
+    a = t.user_attrs
+    return {
+        "trial": t.number,
+        "refusals": int(a.get("refusals", t.values[0])),
+        "n_bad": int(a.get("n_bad", 0)),
+        "kl": float(a.get("kl", t.values[1])),
+        "degenerate": int(a.get("degenerate", 0)),
+        "seconds": float(a.get("seconds", 0.0)),
+        "params": t.params,
+    }
