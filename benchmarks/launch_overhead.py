@@ -127,10 +127,12 @@ def shipping(base: Path, key: Path) -> dict:
         remote.put(wheel, f"{b.root}/wheels/{wheel.name}")
         upload = time.perf_counter() - t
         t = time.perf_counter()
-        version = deploy.install(b, wheel)
+        version = deploy.install(b, wheel).version
         install = time.perf_counter() - t
         t = time.perf_counter()
-        version_again = deploy.install(b, wheel)  # a second setup: this build is already there
+        version_again = deploy.install(
+            b, wheel
+        ).version  # a second setup: this build is already there
         reinstall = time.perf_counter() - t
         remote.close()
     finally:

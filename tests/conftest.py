@@ -93,9 +93,11 @@ def make_model(kind: str, vocab_size: int, layers: int = 4, seed: int = 0):
 
 
 @pytest.fixture(autouse=True)
-def isolated_home(tmp_path_factory, monkeypatch):
-    """Each test gets its own abfleet data/config dirs; the cache (demo model) is shared."""
-    home = tmp_path_factory.mktemp("abfleet-home")
+def isolated_home(tmp_path, monkeypatch):
+    """Each test gets its own abfleet data/config dirs (inside its tmp_path, so removed with it
+    when the test passes); the cache (demo model, wheels) is shared."""
+    home = tmp_path / "abfleet-home"
+    home.mkdir()
     monkeypatch.setenv("ABFLEET_DATA_DIR", str(home / "data"))
     monkeypatch.setenv("ABFLEET_CONFIG_DIR", str(home / "config"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -41,6 +41,7 @@ class SshBox:
     directory: Path
     port: int
     authorized_key: Path
+    python: str = sys.executable  # the box's Python with torch (ABFLEET_PYTHON)
     root: Path = field(init=False)
     proc: subprocess.Popen | None = None
 
@@ -55,7 +56,7 @@ class SshBox:
         (self.directory / "authorized_keys").write_text(
             Path(str(self.authorized_key) + ".pub").read_text()
         )
-        python = sys.executable
+        python = self.python
         path = os.pathsep.join(
             [str(Path(python).parent), "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"]
         )

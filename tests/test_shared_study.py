@@ -12,6 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 
 from abfleet.ledger import Ledger
 from abfleet.storage_url import normalize_url
@@ -248,6 +249,9 @@ def test_submit_and_resume_keep_a_postgres_password_off_the_box_job(
     ):
         proc = abfleet(*argv, env=env)
         assert proc.returncode == 0, proc.stderr + proc.stdout
+        if argv[0] == "setup":  # it says which Python and torch the box's worker uses
+            assert f"uses python {sys.executable}" in proc.stdout.replace("\n", "")
+            assert f"torch {torch.__version__}" in proc.stdout.replace("\n", "")
     assert wait_for_state(root, timeout=300)["state"] == "done"
     [job_on_box] = root.glob("runs/*/job.toml")
     assert 'storage = "env"' in job_on_box.read_text()

@@ -137,15 +137,38 @@ def _repack_installed(out: Path) -> None:
         zf.writestr(f"{dist_info}/RECORD", "\n".join(record) + "\n")
 
 
-def install(box: Box, wheel: Path, timeout: float = 1800) -> str:
+@dataclass(frozen=True)
+class Installed:
+    """What a box runs after setup: abfleet's build, and the Python and torch it reuses."""
+
+    version: str
+    runtime: str  # "python PATH (3.x), torch X (CUDA Y) from DIR"
+
+
+RUNTIME_PREFIX = "runtime: "
+
+
+def install(box: Box, wheel: Path, timeout: float = 1800) -> Installed:
     """Upload and install the wheel; fail unless the box reports this exact build.
 
     A box that already runs this exact build (same version and source hash) is left as it is.
     """
     here = version_string()
-    current = box.remote.run([box.abfleet, "worker", "--version"], timeout=120, check=False)
+    runtime_file = f"{box.root}/venv/abfleet-runtime.txt"
+    current = box.remote.run(
+        [
+            "bash",
+            "-c",
+            'cat "$1" 2>/dev/null; "$2" worker --version',
+            "check",
+            runtime_file,
+            box.abfleet,
+        ],
+        timeout=120,
+        check=False,
+    )
     if current.ok and current.stdout.strip().splitlines()[-1:] == [here]:
-        return here
+        return Installed(here, _runtime(current.stdout))
     remote_wheel = f"{box.root}/wheels/{wheel.name}"
     box.remote.put(wheel, remote_wheel)
     result = run_script(
@@ -161,7 +184,12 @@ def install(box: Box, wheel: Path, timeout: float = 1800) -> str:
         raise RemoteError(
             f"{box.remote.label} runs {there!r} after install, but this controller is {here!r}"
         )
-    return there
+    return Installed(there, _runtime(result.stdout))
+
+
+def _runtime(stdout: str) -> str:
+    lines = [ln for ln in stdout.splitlines() if ln.startswith(RUNTIME_PREFIX)]
+    return lines[-1][len(RUNTIME_PREFIX) :] if lines else "unknown (set up by an older abfleet)"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -395,8 +395,9 @@ def setup(remote: Any, say: Say) -> Box:
     box = locate(remote)
     wheel = build_wheel()
     say(f"installing {wheel.name} on {remote.label} ({box.root})")
-    version = install(box, wheel)
-    say(f"{remote.label} runs {version}")
+    installed = install(box, wheel)
+    say(f"{remote.label} runs {installed.version}")
+    say(f"{remote.label} uses {installed.runtime}")
     return box
 
 
