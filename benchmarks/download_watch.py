@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from abfleet import manifest  # noqa: E402
-from abfleet.remote import SshRemote, SshTarget  # noqa: E402
-from abfleet.transfer import download, ssh_command  # noqa: E402
+from abfleet.fleet.remote import SshRemote, SshTarget  # noqa: E402
+from abfleet.job import manifest  # noqa: E402
+from abfleet.ops.transfer import download, ssh_command  # noqa: E402
 from sshbox import SshBox, free_port, make_keypair  # noqa: E402
 
 
@@ -141,9 +141,9 @@ def main() -> None:
 
 def watch_refresh_cost(base: Path, key: Path) -> dict:
     from abfleet import settings
-    from abfleet.deploy import build_wheel, install, locate
-    from abfleet.ledger import InstanceRecord, RunRecord
-    from abfleet.monitor import Session, Target
+    from abfleet.fleet.deploy import build_wheel, install, locate
+    from abfleet.fleet.ledger import InstanceRecord, RunRecord
+    from abfleet.ops.monitor import Session, Target
     from conftest import make_model as tiny_model
     from conftest import make_tokenizer, write_config, write_job
 
@@ -205,7 +205,7 @@ def watch_refresh_cost(base: Path, key: Path) -> dict:
         )
         session = Session(Target(rec, run))
         transport = session.remote.conn.transport  # type: ignore[attr-defined]
-        from abfleet.ledger import Ledger
+        from abfleet.fleet.ledger import Ledger
 
         ledger = Ledger()
         ledger.add_run(run)

@@ -100,8 +100,8 @@ def one_launch(base: Path, key: Path, job: Path) -> dict:
 
 
 def shipping(base: Path, key: Path) -> dict:
-    from abfleet import deploy, settings
-    from abfleet.remote import SshRemote, SshTarget
+    from abfleet.fleet import deploy, settings
+    from abfleet.fleet.remote import SshRemote, SshTarget
 
     os.environ["ABFLEET_CONFIG_DIR"] = str(base / "config")
     os.environ["ABFLEET_DATA_DIR"] = str(base / "data")

@@ -103,7 +103,7 @@ def run(url: str, workers: int, per_worker: int, sleep: float) -> dict:
     for p in procs:
         p.join()
     wall = time.perf_counter() - started
-    from abfleet.storage_url import normalize_url
+    from abfleet.job.storage import normalize_url
 
     study = __import__("optuna").load_study(study_name=name, storage=normalize_url(url))
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
@@ -134,7 +134,7 @@ def start_head() -> tuple[str, Callable[[], None]]:
     import subprocess
     import tempfile
 
-    from abfleet.headdb import HeadDb
+    from abfleet.fleet.headdb import HeadDb
     from sshbox import free_port
 
     root = Path(tempfile.mkdtemp(prefix="abfleet-bench-"))

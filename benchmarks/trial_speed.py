@@ -171,7 +171,7 @@ def run_reference(args: argparse.Namespace, model_dir: Path) -> dict:
     subprocess.run(["rm", "-rf", str(work)], check=True)
     work.mkdir(parents=True)
     sys.path.insert(0, str(ROOT / "src"))
-    from abfleet.jobs import load_job
+    from abfleet.job.spec import load_job
 
     job = load_job("refusal")
     markers = json.dumps(job.spec.markers)

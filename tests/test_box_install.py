@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from abfleet.deploy import build_wheel, install, locate
-from abfleet.remote import SshRemote, SshTarget, known_hosts_file
+from abfleet.fleet.deploy import build_wheel, install, locate
+from abfleet.fleet.remote import SshRemote, SshTarget, known_hosts_file
 from sshbox import SshBox, free_port
 
 MAX_BOX_VENV_MB = 300

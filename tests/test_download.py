@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from abfleet import manifest
 from abfleet.errors import AbfleetError
-from abfleet.remote import SshRemote, SshTarget, known_hosts_file
-from abfleet.transfer import STAGING, download
+from abfleet.fleet.remote import SshRemote, SshTarget, known_hosts_file
+from abfleet.job import manifest
+from abfleet.ops.transfer import STAGING, download
 
 MB = 1 << 20
 SIZES = {

@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from abfleet import manifest
 from abfleet.core.chat import ChatFormatter
 from abfleet.core.evaluate import Evaluator
 from abfleet.core.markers import MarkerMatcher
 from abfleet.core.model import load_model, materialize, resolve_source
 from abfleet.demo.refusal_tune import ensure_demo_model
-from abfleet.jobs import load_job
-from abfleet.rundir import RunDir
+from abfleet.job import manifest
+from abfleet.job.spec import load_job
+from abfleet.worker.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 TRIALS = 10  # seed 42 reaches <= 12/60 within its first random trials; the rest is margin

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from abfleet.ledger import Ledger
-from abfleet.remote import SshRemote, SshTarget, known_hosts_file
+from abfleet.fleet.ledger import Ledger
+from abfleet.fleet.remote import SshRemote, SshTarget, known_hosts_file
 from conftest import write_job
 
 
@@ -91,15 +91,19 @@ def test_without_yes_and_without_a_terminal_nothing_is_created(fake_vast, tiny_j
 
 def test_list_flags_instances_missing_from_the_ledger_and_vanished_ones(fake_vast, boxes, tiny_job):
     fake_vast.box_factory = None
-    from abfleet.providers.vast import VastProvider
+    from abfleet.fleet.providers.vast import VastProvider
     from abfleet.settings import settings
 
     vast = VastProvider(settings().vast, backoff=0.01)
     stray = vast.create(
         vast.offers(
-            __import__("abfleet.providers.base", fromlist=["x"]).Requirements("RTX_3090", 1, 20, 30)
+            __import__("abfleet.fleet.providers.base", fromlist=["x"]).Requirements(
+                "RTX_3090", 1, 20, 30
+            )
         )[0],
-        __import__("abfleet.providers.base", fromlist=["x"]).CreateSpec("someone-else", "img", 30),
+        __import__("abfleet.fleet.providers.base", fromlist=["x"]).CreateSpec(
+            "someone-else", "img", 30
+        ),
     )
     ledger = Ledger()
     key = ledger.begin_create("vast", "abfleet:gone", "r", {"id": "1"})

@@ -11,9 +11,9 @@ import time
 import pexpect
 import pytest
 
-from abfleet.ledger import Ledger
-from abfleet.monitor import Session, Target
-from abfleet.watch import Watcher
+from abfleet.fleet.ledger import Ledger
+from abfleet.ops.monitor import Session, Target
+from abfleet.ops.watch import Watcher
 from conftest import write_job
 from test_launch import abfleet, wait_for_state
 

@@ -7,13 +7,13 @@ import json
 import optuna
 import pytest
 
-from abfleet import manifest
 from abfleet.core import search
-from abfleet.core.pipeline import LogReporter, RunOptions, run_job
 from abfleet.core.result import choose_trial, pareto_front
 from abfleet.errors import UserError
-from abfleet.jobs import load_job
-from abfleet.rundir import RunDir
+from abfleet.job import manifest
+from abfleet.job.spec import load_job
+from abfleet.worker.jobrun import LogReporter, RunOptions, run_job
+from abfleet.worker.rundir import RunDir
 from conftest import write_job
 
 

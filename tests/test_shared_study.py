@@ -14,8 +14,8 @@ import optuna
 import pytest
 import torch
 
-from abfleet.ledger import Ledger
-from abfleet.storage_url import normalize_url
+from abfleet.fleet.ledger import Ledger
+from abfleet.job.storage import normalize_url
 from conftest import write_job
 from test_launch import abfleet, wait_for_state
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from abfleet.sizing import plan, shape_from_config
+from abfleet.fleet.sizing import plan, shape_from_config
 
 LLAMA_31_8B = {
     "model_type": "llama",

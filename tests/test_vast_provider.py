@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from abfleet import launcher
 from abfleet.errors import ProviderError
-from abfleet.ledger import Ledger
-from abfleet.providers.base import FAILED, PENDING, RUNNING, CreateSpec, Requirements
-from abfleet.providers.vast import VastProvider
+from abfleet.fleet.ledger import Ledger
+from abfleet.fleet.providers.base import FAILED, PENDING, RUNNING, CreateSpec, Requirements
+from abfleet.fleet.providers.vast import VastProvider
+from abfleet.fleet.rent import create_and_wait
 from abfleet.settings import settings
 from fakevast import API_KEY
 
@@ -133,7 +133,7 @@ def test_boot_failure_is_destroyed_and_replaced_once_on_another_machine(vast, fa
     ledger = Ledger()
     plan_like = type("P", (), {"hours_for": lambda self, n: 1.0})()
     messages = []
-    inst, remote = launcher.create_and_wait(
+    inst, remote = create_and_wait(
         vast, ledger, plan_like, req(), "boot-retry", 1, True, None, messages.append
     )
     remote.close()

@@ -29,3 +29,8 @@ def cache_dir() -> Path:
 def config_dir() -> Path:
     """The user's config.toml (SSH key, provider defaults)."""
     return _base("ABFLEET_CONFIG_DIR", "XDG_CONFIG_HOME", ".config")
+
+
+def local_run_dir(run: str) -> Path:
+    """The controller's folder of a cloud run: the job as sent, backups, the downloaded model."""
+    return data_dir() / "runs" / run

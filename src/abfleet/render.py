@@ -15,6 +15,17 @@ def fmt_refusals(k: int | None, n: int | None) -> str:
     return "-" if k is None else f"{k}/{n}"
 
 
+def fmt_duration(seconds: float | None, live: bool = False) -> str:
+    """1h05m; below an hour 12m03s in live views (seconds matter there), else 0h12m."""
+    if seconds is None:
+        return "-"
+    total = max(0, int(seconds))
+    h, m, s = total // 3600, total % 3600 // 60, total % 60
+    if live and not h:
+        return f"{m}m{s:02d}s"
+    return f"{h}h{m:02d}m"
+
+
 def pareto_table(
     rows: list[dict[str, Any]], chosen: int | None = None, title: str = "Pareto front"
 ) -> Table:

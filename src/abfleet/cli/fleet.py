@@ -10,13 +10,17 @@ from typing import Any
 import click
 from rich.table import Table
 
-from abfleet import launcher
 from abfleet.cli.options import job_flags, pop_job_flags
 from abfleet.console import console, is_interactive, setup_logging
 from abfleet.errors import UserError
-from abfleet.ledger import InstanceRecord, Ledger
-from abfleet.providers import NAMES, get_provider
-from abfleet.render import sizing_table
+from abfleet.fleet.instances import resolve_instance
+from abfleet.fleet.launch import launch
+from abfleet.fleet.ledger import InstanceRecord, Ledger
+from abfleet.fleet.plan import prepare, requirements
+from abfleet.fleet.providers import NAMES, connect_record, get_provider
+from abfleet.fleet.rent import create_and_wait
+from abfleet.fleet.submit import new_run_name, setup, submit
+from abfleet.render import fmt_duration, sizing_table
 
 
 def say(message: str) -> None:
@@ -72,10 +76,10 @@ def offers_cmd(
     model: str, job_arg: str | None, max_price: float | None, disk_gb: int | None, as_json: bool
 ) -> None:
     """Vast.ai offers that fit MODEL, cheapest first."""
-    from abfleet.sizing import plan_for
+    from abfleet.fleet.sizing import plan_for
 
     plan = plan_for(model, job_arg)
-    req = launcher.requirements(plan, disk_gb, max_price)
+    req = requirements(plan, disk_gb, max_price)
     offers = get_provider("vast").offers(req)
     if as_json:
         click.echo(json.dumps([o.__dict__ for o in offers], indent=1))
@@ -141,7 +145,7 @@ def launch_cmd(
     Shows the GPU, disk, $/h and estimated cost, and asks before renting (--yes for scripts).
     """
     setup_logging(ctx.obj.get("verbose", False))
-    record = launcher.launch(
+    record = launch(
         job,
         pop_job_flags(kwargs),
         provider,
@@ -189,16 +193,16 @@ def create_cmd(
 ) -> None:
     """Rent (or register) a box sized for MODEL and wait until SSH answers."""
     setup_logging(ctx.obj.get("verbose", False))
-    prepared = launcher.prepare(job_arg, {"model": model})
-    render_sizing(prepared.plan, False)
+    prepared = prepare(job_arg, {"model": model})
+    render_sizing(prepared.sizing, False)
     prov = get_provider(provider, host)
     ledger = Ledger()
-    req = launcher.requirements(prepared.plan, disk_gb, max_price)
-    run = launcher.new_run_name(prepared.job)
-    instance, remote = launcher.create_and_wait(
+    req = requirements(prepared.sizing, disk_gb, max_price)
+    run = new_run_name(prepared.job)
+    instance, remote = create_and_wait(
         prov,
         ledger,
-        prepared.plan,
+        prepared.sizing,
         req,
         run,
         prepared.job.spec.search.n_trials,
@@ -219,10 +223,10 @@ def setup_cmd(ctx: click.Context, instance: str | None) -> None:
     """Ship this exact abfleet to INSTANCE and check its version there."""
     setup_logging(ctx.obj.get("verbose", False))
     ledger = Ledger()
-    record = launcher.resolve_instance(ledger, instance, choose_fn())
-    remote = launcher.connect_record(record)
+    record = resolve_instance(ledger, instance, choose_fn())
+    remote = connect_record(record)
     try:
-        box = launcher.setup(remote, say)
+        box = setup(remote, say)
         ledger.update(record.key, remote_root=box.root)
     finally:
         remote.close()
@@ -238,26 +242,25 @@ def submit_cmd(
     ctx: click.Context, instance: str | None, job: str | None, workers: int, **kwargs: Any
 ) -> None:
     """Send JOB to INSTANCE (set up with `abfleet setup`) and start its worker(s)."""
-    from abfleet.deploy import Box
+    from abfleet.fleet.deploy import Box
 
     setup_logging(ctx.obj.get("verbose", False))
     ledger = Ledger()
-    record = launcher.resolve_instance(ledger, instance, choose_fn())
-    prepared = launcher.prepare(job, pop_job_flags(kwargs))
+    record = resolve_instance(ledger, instance, choose_fn())
+    prepared = prepare(job, pop_job_flags(kwargs))
     if not record.remote_root:
         raise UserError(
             f"instance {record.instance_id} is not set up yet: run `abfleet setup {record.instance_id}`"
         )
-    remote = launcher.connect_record(record)
+    remote = connect_record(record)
     try:
         box = Box(remote, record.remote_root)
-        run = launcher.new_run_name(prepared.job)
-        launcher.submit(
+        run = new_run_name(prepared.job)
+        submit(
             record.provider,
             record.instance_id or "",
             box,
-            prepared.job,
-            prepared.plan,
+            prepared,
             run,
             ledger,
             say,
@@ -272,7 +275,7 @@ def submit_cmd(
 @click.option("--all", "show_all", is_flag=True, help="Include destroyed instances.")
 def list_cmd(as_json: bool, show_all: bool) -> None:
     """Every instance: the ledger merged with what the providers report."""
-    from abfleet.inventory import inventory
+    from abfleet.fleet.inventory import inventory
 
     rows = inventory(Ledger(), show_all)
     if as_json:
@@ -289,7 +292,7 @@ def list_cmd(as_json: bool, show_all: bool) -> None:
             r["gpu"],
             r["state"],
             f"{r['price_per_hour']:.3f}" if r.get("price_per_hour") else "-",
-            _age(r.get("started_at")),
+            fmt_duration(time.time() - r["started_at"]) if r.get("started_at") else "-",
             r.get("run") or "-",
             r.get("note") or "",
         )
@@ -299,13 +302,6 @@ def list_cmd(as_json: bool, show_all: bool) -> None:
             console.print(
                 f"[bold red]instance {r['id']} bills but abfleet did not create it[/] (or lost its record)"
             )
-
-
-def _age(started: float | None) -> str:
-    if not started:
-        return "-"
-    minutes = int((time.time() - started) / 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 @click.command("attach-key")
@@ -321,11 +317,10 @@ def attach_key_cmd(instance: str | None, key_file: str | None) -> None:
     from pathlib import Path
 
     ledger = Ledger()
-    record = launcher.resolve_instance(ledger, instance, choose_fn())
-    if record.provider != "vast":
-        raise UserError("attach-key is for Vast.ai instances")
+    record = resolve_instance(ledger, instance, choose_fn())
     path = Path(key_file) if key_file else Path.home() / ".ssh" / "id_ed25519.pub"
     if not path.is_file():
         raise UserError(f"{path} does not exist: pass --key PATH.pub")
-    get_provider("vast").attach_key(record.instance_id or "", path.read_text().strip())  # type: ignore[attr-defined]
+    provider = get_provider(record.provider)
+    provider.attach_key(record.instance_id or "", path.read_text().strip())
     console.print(f"attached {path.name} to instance {record.instance_id}")

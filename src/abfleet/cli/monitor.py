@@ -11,13 +11,14 @@ from typing import Any
 import click
 from rich.table import Table
 
-from abfleet import launcher
 from abfleet.cli.fleet import choose_fn, confirm_fn, say
-from abfleet.console import console, err_console, is_interactive, setup_logging
+from abfleet.console import console, err_console, is_interactive, setup_logging, warn
 from abfleet.errors import AbfleetError, Declined
-from abfleet.ledger import Ledger
-from abfleet.monitor import RunView, Session, Target, pick_run, require_run
-from abfleet.render import fmt_kl, fmt_refusals
+from abfleet.fleet.instances import resolve_instance
+from abfleet.fleet.ledger import Ledger
+from abfleet.ops.actions import note_state
+from abfleet.ops.monitor import RunView, Session, Target, pick_run, require_run
+from abfleet.render import fmt_duration, fmt_kl, fmt_refusals
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 run_option = click.option(
@@ -26,19 +27,14 @@ run_option = click.option(
 
 
 def _target(ledger: Ledger, instance: str | None, run_name: str | None = None) -> Target:
-    record = launcher.resolve_instance(ledger, instance, choose_fn())
+    record = resolve_instance(ledger, instance, choose_fn())
     return Target(record, pick_run(ledger, record, run_name))
 
 
 def _provider_for(record: Any) -> Any:
-    from abfleet.providers import get_provider
+    from abfleet.fleet.providers import get_provider
 
     return get_provider(record.provider)
-
-
-def _note_state(ledger: Ledger, target: Target, snap: dict[str, Any]) -> None:
-    if target.run is not None and snap.get("state"):
-        ledger.update_run(target.run.name, state=snap["state"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,49 +46,11 @@ def _note_state(ledger: Ledger, target: Target, snap: dict[str, Any]) -> None:
 @json_option
 def status_cmd(instance: str | None, run_name: str | None, as_json: bool) -> None:
     """The instance (provider state, GPU, $/h) and its run (state, trials)."""
+    from abfleet.ops.actions import instance_status
+
     ledger = Ledger()
     target = _target(ledger, instance, run_name)
-    rec = target.instance
-    live = _provider_for(rec).get(rec.instance_id or "")
-    data: dict[str, Any] = {
-        "instance": {
-            "id": rec.instance_id,
-            "provider": rec.provider,
-            "label": rec.label,
-            "state": live.state if live else "gone",
-            "detail": (live.status_msg if live else "") or (live.raw_state if live else ""),
-            "gpu": f"{rec.gpu_count}x {rec.gpu_name}",
-            "price_per_hour": rec.price_per_hour,
-            "ssh": f"{live.ssh_user}@{live.ssh_host}:{live.ssh_port}"
-            if live and live.ssh_host
-            else None,
-            "created_at": rec.created_at,
-        },
-        "run": None,
-    }
-    if target.run is not None:
-        run = target.run
-        data["run"] = {
-            "name": run.name,
-            "job": run.job,
-            "model": run.model,
-            "remote_dir": run.remote_dir,
-            "downloaded": bool(run.verified),
-            "last_backup_at": run.last_backup_at,
-        }
-        if live and live.ssh_ready:
-            session = Session(target)
-            try:
-                snap = session.snapshot()
-            finally:
-                session.close()
-            _note_state(ledger, target, snap)
-            data["run"].update(
-                state=snap["state"],
-                reason=snap.get("reason"),
-                trials=snap["trials"],
-                eta_s=snap.get("eta_s"),
-            )
+    data = instance_status(ledger, target, _provider_for(target.instance))
     if as_json:
         click.echo(json.dumps(data, indent=1, default=str))
         return
@@ -132,7 +90,7 @@ def progress_cmd(
         backup = None if no_backup else view.backup(snap)
     finally:
         view.close()
-    _note_state(ledger, target, snap)
+    note_state(ledger, target, snap)
     if as_json:
         click.echo(json.dumps({**snap, "backup": backup}, default=str))
         return
@@ -143,7 +101,9 @@ def progress_cmd(
         + f", {t.get('complete', 0)}/{t.get('total')} trials, {t.get('running', 0)} running, {t.get('failed', 0)} failed"
     )
     if snap.get("median_trial_s"):
-        console.print(f"median {snap['median_trial_s']} s/trial, ETA {_hms(snap.get('eta_s'))}")
+        console.print(
+            f"median {snap['median_trial_s']} s/trial, ETA {fmt_duration(snap.get('eta_s'), live=True)}"
+        )
     base = snap.get("baseline")
     if base:
         console.print(f"before: refusals {fmt_refusals(base['refusals'], base['n_bad'])}")
@@ -160,19 +120,13 @@ def progress_cmd(
         )
     console.print(table)
     if len(snap.get("workers", [])) > 1:
-        from abfleet.dashboard import _workers
+        from abfleet.ops.dashboard import workers_table
 
-        console.print(_workers(snap, time.time()))
+        console.print(workers_table(snap, time.time()))
     if backup:
         console.print(
             f"study backed up to {Path(target.run.local_dir) / 'study.db'} ({backup.get('complete', 0)} trials)"
         )  # type: ignore[union-attr]
-
-
-def _hms(seconds: float | None) -> str:
-    from abfleet.dashboard import hms
-
-    return hms(seconds)
 
 
 @click.command("logs")
@@ -233,7 +187,7 @@ def watch_cmd(
     instance: str | None, run_name: str | None, interval: float, once: bool, no_backup: bool
 ) -> None:
     """Live dashboard of a run over one SSH connection. Ctrl+C leaves the run untouched."""
-    from abfleet.watch import watch
+    from abfleet.ops.watch import watch
 
     ledger = Ledger()
     target = _target(ledger, instance, run_name)
@@ -292,44 +246,31 @@ def download_cmd(
         TransferSpeedColumn,
     )
 
-    from abfleet.launcher import connect_record
-    from abfleet.transfer import download
+    from abfleet.ops.actions import fetch_model
 
     setup_logging(ctx.obj.get("verbose", False))
     ledger = Ledger()
     target = _target(ledger, instance, run_name)
     run = require_run(target)
-    primary = RunView(ledger, target).primary  # the box that exported the model
     dest = (to_dir or Path("runs") / run.name / "model").resolve()
     columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("download", total=None)
-        result = download(
-            lambda: connect_record(primary.instance),
-            f"{primary.instance.remote_root}/runs/{run.name}/model",
+        result = fetch_model(
+            ledger,
+            target,
             dest,
+            warn,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             prefer_rsync=not sftp,
             on_attempt=lambda n, why: err_console.print(
                 f"[yellow]connection lost ({why}); resuming[/]"
             ),
         )
-    ledger.update_run(run.name, downloaded_at=time.time(), verified=1)
     console.print(
         f"[bold green]verified[/] {result.files} files, {result.bytes_total / 1e9:.2f} GB in {dest} "
         f"({result.method}, {result.bytes_transferred / 1e6:.1f} MB transferred, {result.seconds:.1f} s)"
     )
-    # The study and logs come home too: a destroy needs a current backup.
-    try:
-        view = RunView(ledger, target)
-        try:
-            view.backup(view.snapshot())
-        finally:
-            view.close()
-    except AbfleetError as exc:
-        err_console.print(
-            f"[yellow]warning:[/] the study backup failed ({exc}); run `abfleet backup` before destroying"
-        )
     if then_destroy:
         _destroy(ledger, target.instance.instance_id, run.name, yes, force=False)
 
@@ -356,7 +297,7 @@ def resume_cmd(
     max_price: float | None,
 ) -> None:
     """Continue RUN from its local study backup: on a new box, or here with --here."""
-    from abfleet.resume import resume
+    from abfleet.ops.resume import resume
 
     setup_logging(ctx.obj.get("verbose", False))
     resume(Ledger(), run_name, here, provider, host, trials, yes, max_price, confirm_fn(), say)
@@ -375,8 +316,8 @@ def _ask_typed() -> Any:
 def _destroy(
     ledger: Ledger, instance: str | None, run_name: str | None, yes: bool, force: bool
 ) -> None:
-    from abfleet.guard import assess, check_destroy, confirm_typed
-    from abfleet.launcher import destroy_and_confirm
+    from abfleet.ops.actions import destroy_instance
+    from abfleet.ops.guard import assess, check_destroy, confirm_typed
 
     target = _target(ledger, instance, run_name)
     provider = _provider_for(target.instance)
@@ -387,26 +328,7 @@ def _destroy(
     check_destroy(a, force)
     iid = target.instance.instance_id or ""
     confirm_typed(iid, "destroy", yes, _ask_typed())
-    if target.instance.provider == "vast":
-        destroy_and_confirm(provider, ledger, iid)
-    else:
-        from abfleet.deploy import stop_workers
-
-        try:
-            stop_workers(
-                launcher.connect_record(target.instance), ledger, target.instance.provider, iid
-            )
-        except AbfleetError as exc:
-            err_console.print(f"[yellow]warning:[/] could not stop its workers ({exc})")
-        ledger.mark_destroyed(target.instance.provider, iid)
-    console.print(
-        f"[bold]destroyed[/] instance {iid}"
-        + (
-            " (forgotten: abfleet does not own this machine)"
-            if target.instance.provider != "vast"
-            else ""
-        )
-    )
+    console.print(f"[bold]{destroy_instance(ledger, target, provider, warn)}[/]")
 
 
 @click.command("destroy")
@@ -428,7 +350,7 @@ def destroy_cmd(instance: str | None, yes: bool, force: bool) -> None:
 @click.option("--force", is_flag=True, help="Stop even while a trial runs.")
 def stop_cmd(instance: str | None, yes: bool, force: bool) -> None:
     """Stop an instance: its worker is killed at once; a stopped Vast.ai box still bills for disk."""
-    from abfleet.guard import assess, check_stop, confirm_typed
+    from abfleet.ops.guard import assess, check_stop, confirm_typed
 
     ledger = Ledger()
     target = _target(ledger, instance, None)

@@ -62,7 +62,7 @@ JOB_FLAG_NAMES = (
 
 def pop_job_flags(kwargs: dict[str, Any]) -> dict[str, Any]:
     from abfleet.console import warn
-    from abfleet.storage_url import has_password
+    from abfleet.job.storage import has_password
 
     flags = {name: kwargs.pop(name) for name in JOB_FLAG_NAMES if name in kwargs}
     if flags.get("storage") and has_password(flags["storage"]):

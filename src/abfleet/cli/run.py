@@ -7,32 +7,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from abfleet import localrun
 from abfleet.cli.options import job_flags, pop_job_flags
 from abfleet.console import console, setup_logging
-from abfleet.render import before_after_table, fmt_kl, pareto_table
+from abfleet.render import before_after_table, pareto_table
+from abfleet.worker import localrun
 
 if TYPE_CHECKING:
-    from abfleet.core.pipeline import RunResult
-    from abfleet.core.search import TrialOutcome
-
-
-class ConsoleReporter:
-    """One line per phase and per trial: readable live, and in a log when piped."""
-
-    def phase(self, state: str, detail: str = "") -> None:
-        console.print(f"[bold cyan]{state:<10}[/] {detail}")
-
-    def trial(self, outcome: TrialOutcome, complete: int, total: int) -> None:
-        if outcome.error:
-            console.print(f"  trial {outcome.number:>4}  [red]failed[/]: {outcome.error}")
-            return
-        a = outcome.user_attrs
-        console.print(
-            f"  trial {outcome.number:>4}  refusals {a['refusals']:>3}/{a['n_bad']:<3}"
-            f"  KL {fmt_kl(a['kl']):>6}  degenerate {a['degenerate']:>2}  {a['seconds']:5.1f}s"
-            f"   [{complete}/{total}]"
-        )
+    from abfleet.worker.jobrun import RunResult
 
 
 @click.command("run")
@@ -54,7 +35,7 @@ def run_cmd(ctx: click.Context, job: str | None, resume: bool, workers: int, **k
     the run folder (SQLite) unless --storage says otherwise; rerunning the same command resumes it
     up to --trials in total. Ctrl+C stops after the current trial.
     """
-    from abfleet.core.pipeline import RunOptions, run_job
+    from abfleet.worker.jobrun import ConsoleReporter, RunOptions, run_job
 
     flags = pop_job_flags(kwargs)
     prepared = localrun.prepare(job, flags)
@@ -68,7 +49,8 @@ def run_cmd(ctx: click.Context, job: str | None, resume: bool, workers: int, **k
     localrun.write_pid(run, 0)
     secondaries = []
     if workers > 1:
-        from abfleet.core.pipeline import create_shared_study, storage_url
+        from abfleet.core.pipeline import create_shared_study
+        from abfleet.worker.jobrun import storage_url
 
         create_shared_study(prepared.job, storage_url(prepared.job, run), resume)
         secondaries = localrun.start_secondaries(prepared, workers, resume)
@@ -90,7 +72,7 @@ def run_cmd(ctx: click.Context, job: str | None, resume: bool, workers: int, **k
         sys.exit(130)
 
 
-def _render(result: RunResult, prepared: localrun.Prepared) -> None:
+def _render(result: RunResult, prepared: localrun.LocalRun) -> None:
     chosen = result.chosen["trial"] if result.chosen else None
     if result.pareto:
         console.print(pareto_table(result.pareto, chosen))
@@ -121,6 +103,6 @@ def _render(result: RunResult, prepared: localrun.Prepared) -> None:
 def size_cmd(model: str, as_json: bool, job_arg: str | None, batch_size: int | None) -> None:
     """Disk and GPU needed for MODEL, and the cheapest GPU type and count that fits."""
     from abfleet.cli.fleet import render_sizing
-    from abfleet.sizing import plan_for
+    from abfleet.fleet.sizing import plan_for
 
     render_sizing(plan_for(model, job_arg, batch_size), as_json)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import click
 
-from abfleet import localrun
 from abfleet.buildinfo import version_string
 from abfleet.console import console, setup_logging
-from abfleet.jobs import load_job
-from abfleet.rundir import RunDir
+from abfleet.job.spec import load_job
+from abfleet.worker import localrun
+from abfleet.worker.rundir import RunDir
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -44,7 +44,7 @@ def worker() -> None:
 @click.option("--no-create", is_flag=True, help="Load the study only (the controller created it).")
 def worker_run(run_dir: Path, index: int, secondary: bool, resume: bool, no_create: bool) -> None:
     """Run the job in RUN_DIR/job.toml until the study is complete."""
-    from abfleet.core.pipeline import LogReporter, RunOptions, run_job
+    from abfleet.worker.jobrun import LogReporter, RunOptions, run_job
 
     run = RunDir(run_dir.resolve())
     setup_logging(verbose=False, log_file=str(run.log_file(index)))
@@ -65,7 +65,7 @@ def worker_run(run_dir: Path, index: int, secondary: bool, resume: bool, no_crea
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 def worker_backup(run_dir: Path, out: Path) -> None:
     """Write a consistent SQLite copy of the run's study to OUT; print what it holds (JSON)."""
-    from abfleet.backup import backup_study
+    from abfleet.worker.backup import backup_study
 
     click.echo(json.dumps(backup_study(run_dir.resolve(), out)))
 
@@ -76,7 +76,7 @@ def worker_backup(run_dir: Path, out: Path) -> None:
 @click.option("--log-lines", default=20, show_default=True, help="Last lines of each worker log.")
 def worker_report(run_dir: Path, as_json: bool, log_lines: int) -> None:
     """One JSON snapshot of the run: state, trials, Pareto front, GPU, disk, files, log tail."""
-    from abfleet.snapshot import take_snapshot
+    from abfleet.worker.snapshot import take_snapshot
 
     snap = take_snapshot(RunDir(run_dir.resolve()), log_lines=log_lines)
     console.print_json(json.dumps(snap, default=str)) if not as_json else click.echo(

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from abfleet import __version__, manifest
+from abfleet import __version__
 from abfleet.core.chat import ChatFormatter
 from abfleet.core.generate import greedy_generate
+from abfleet.job import manifest
 
 log = logging.getLogger(__name__)
 

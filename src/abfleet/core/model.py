@@ -12,18 +12,16 @@ from typing import Any
 
 import torch
 
-from abfleet.core.source import (
+from abfleet.errors import UserError
+from abfleet.job.source import (
     DEFAULT_DTYPES,
-    DEMO_PREFIX,
     ModelSource,
     materialize,
     resolve_source,
 )
-from abfleet.errors import UserError
 
 __all__ = [
     "DEFAULT_DTYPES",
-    "DEMO_PREFIX",
     "LoadedModel",
     "ModelSource",
     "load_model",

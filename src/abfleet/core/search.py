@@ -17,16 +17,15 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from abfleet.core.ablation import AblationParams, ComponentParams
 from abfleet.errors import AbfleetError, UserError
-from abfleet.storage_url import normalize_url, redact_url
+from abfleet.job.storage import normalize_url, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +37,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 OBJECTIVES = ("refusals", "kl")
 MAX_CONSECUTIVE_FAILURES = 3
 SPACE_VERSION = 1
+HEARTBEAT_ATTR = "heartbeat_at"  # a running trial's last heartbeat (Unix time)
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,6 @@ class SearchSettings:
     heartbeat_interval: int = 20
     grace_period: int = 60
     n_ei_candidates: int = 128
-
-
-def storage_url_for(run_dir: Path, url: str | None) -> str:
-    return url or f"sqlite:///{(run_dir / 'study.db').resolve()}"
 
 
 def open_storage(url: str, settings: SearchSettings) -> RDBStorage:
@@ -195,6 +191,8 @@ def heartbeat(storage: RDBStorage, trial_id: int) -> Iterator[None]:
         while True:
             try:
                 storage.record_heartbeat(trial_id)
+                # Also as a trial attribute, so progress can show it through the public API.
+                storage.set_trial_user_attr(trial_id, HEARTBEAT_ATTR, time.time())
             except Exception as exc:  # noqa: BLE001 - a missed beat must not kill the trial
                 log.warning("heartbeat failed: %s", _first_line(exc))
             if stop.wait(interval):
@@ -217,23 +215,14 @@ class TrialOutcome:
     error: str | None = None
 
 
-def count_states(study: optuna.Study) -> dict[TrialState, int]:
-    """Trials per state in one COUNT query on Optuna's `trials` table: asking the storage for
-    the trials themselves transfers every trial of the study, once per trial run."""
-    import sqlalchemy
-
-    storage = study._storage
-    rdb = getattr(storage, "_backend", storage)  # optuna wraps an RDBStorage in a cache
+def count_states(storage: BaseStorage, study_name: str) -> dict[TrialState, int]:
+    """Trials per state, read from the storage itself through Optuna's public storage API (so
+    any Optuna storage works): a study object's cache can lag behind other workers by a trial,
+    and the budget check must not."""
     counts = dict.fromkeys(TrialState, 0)
-    with rdb.engine.connect() as conn:
-        rows = conn.execute(
-            sqlalchemy.text(
-                "SELECT state, COUNT(*) FROM trials WHERE study_id = :sid GROUP BY state"
-            ),
-            {"sid": study._study_id},
-        )
-        for state, n in rows:
-            counts[TrialState[state if isinstance(state, str) else state.name]] = int(n)
+    study_id = storage.get_study_id_from_name(study_name)
+    for trial in storage.get_all_trials(study_id, deepcopy=False):
+        counts[trial.state] += 1
     return counts
 
 
@@ -271,7 +260,7 @@ def run_trials(
     while not should_stop():
         with lock.hold():
             optuna.storages.fail_stale_trials(study)
-            counts = count_states(study)
+            counts = count_states(storage, study.study_name)
             complete, running = counts[TrialState.COMPLETE], counts[TrialState.RUNNING]
             if complete >= n_trials:
                 break

@@ -14,12 +14,12 @@ from typing import Any
 
 
 def backup_study(run_dir: Path, out: Path) -> dict[str, Any]:
-    from abfleet.rundir import RunDir
-    from abfleet.snapshot import _job_info, _storage_url
+    from abfleet.worker.rundir import RunDir
+    from abfleet.worker.snapshot import job_info
 
     run = RunDir(run_dir)
-    job = _job_info(run)
-    url = _storage_url(run, job)
+    job = job_info(run)
+    url = run.study_url(job.get("storage_setting"))
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)
     if url is None:
@@ -36,7 +36,7 @@ def backup_study(run_dir: Path, out: Path) -> dict[str, Any]:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)
-        from abfleet.storage_url import normalize_url
+        from abfleet.job.storage import normalize_url
 
         optuna.copy_study(
             from_study_name=job["study"],
@@ -54,10 +54,12 @@ def backup_study(run_dir: Path, out: Path) -> dict[str, Any]:
 
 
 def _count_complete(db: Path, study: str) -> int:
-    with sqlite3.connect(db) as conn:
-        row = conn.execute(
-            "SELECT COUNT(*) FROM trials t JOIN studies s ON s.study_id = t.study_id"
-            " WHERE s.study_name = ? AND t.state = 'COMPLETE'",
-            (study,),
-        ).fetchone()
-    return int(row[0]) if row else 0
+    import optuna
+
+    from abfleet.core.search import count_states
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    try:
+        return count_states(storage, study)[optuna.trial.TrialState.COMPLETE]
+    finally:
+        storage.engine.dispose()

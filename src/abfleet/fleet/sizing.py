@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from abfleet.errors import UserError
+from abfleet.job.source import ModelSource
+from abfleet.job.spec import Job
 from abfleet.resources import resource_path
 from abfleet.settings import SizingSettings, settings
 
@@ -149,11 +151,12 @@ def _safetensors_params(paths: list[Path]) -> int | None:
 
 def shape_for(model: str) -> tuple[Shape, str]:
     """(shape, label) for a local directory, a .gguf file, the demo model or a hub id."""
-    from abfleet.core.source import materialize, resolve_source
+    from abfleet.job.source import materialize, resolve_source
 
-    source = resolve_source(model)
-    if source.kind == "demo":
-        source = materialize(source)
+    return shape_for_source(materialize(resolve_source(model)))
+
+
+def shape_for_source(source: ModelSource) -> tuple[Shape, str]:
     if source.kind == "dir":
         path = Path(source.location)
         config = json.loads((path / "config.json").read_text())
@@ -417,7 +420,7 @@ def _seconds_per_trial(
 
 def plan_for(model: str, job_arg: str | None = None, batch_size: int | None = None) -> Plan:
     """Sizing for `abfleet size`: the job (if any) gives batch size, cap and prompt count."""
-    from abfleet.jobs import load_job
+    from abfleet.job.spec import load_job
 
     max_new, n_eval, dtype, n_trials = 30, 200, "bfloat16", 200
     if job_arg:
@@ -429,3 +432,18 @@ def plan_for(model: str, job_arg: str | None = None, batch_size: int | None = No
         n_trials = job.spec.search.n_trials
     shape, label = shape_for(model)
     return plan(shape, label, batch_size, max_new, n_eval, 2, dtype, n_trials)
+
+
+def plan_for_job(job: Job, prompts: dict[str, list[str]], source: ModelSource) -> Plan:
+    """Sizing of a job already loaded, with its model source already resolved (and built)."""
+    shape, label = shape_for_source(source)
+    return plan(
+        shape,
+        label,
+        job.spec.model_options.batch_size or None,
+        job.spec.evaluation.max_new_tokens,
+        len(prompts["bad_eval"]) + len(prompts["good_eval"]),
+        2,
+        "bfloat16",
+        job.spec.search.n_trials,
+    )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -18,14 +17,15 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from abfleet.rundir import FINAL_STATES, RunDir, pid_alive
+from abfleet.core.search import HEARTBEAT_ATTR
+from abfleet.worker.rundir import FINAL_STATES, RunDir, pid_alive
 
 PARETO_ROWS = 10
 
 
 def take_snapshot(run: RunDir, log_lines: int = 20) -> dict[str, Any]:
     snap: dict[str, Any] = {"taken_at": time.time(), "run_dir": str(run.path)}
-    job = _job_info(run)
+    job = job_info(run)
     snap.update(job)
     workers = [_worker(run, i) for i in run.workers()]
     snap["workers"] = workers
@@ -39,8 +39,8 @@ def take_snapshot(run: RunDir, log_lines: int = 20) -> dict[str, Any]:
     return snap
 
 
-def _job_info(run: RunDir) -> dict[str, Any]:
-    from abfleet.jobs import load_job
+def job_info(run: RunDir) -> dict[str, Any]:
+    from abfleet.job.spec import load_job
 
     try:
         job = load_job(str(run.job_file))
@@ -107,7 +107,7 @@ def _overall_state(workers: list[dict[str, Any]]) -> tuple[str, str | None, str 
 
 def _study(run: RunDir, job: dict[str, Any]) -> dict[str, Any]:
     """Trial counts, Pareto front, timings and heartbeats from the study storage."""
-    url = _storage_url(run, job)
+    url = run.study_url(job.get("storage_setting"))
     out: dict[str, Any] = {
         "trials": {
             "complete": 0,
@@ -133,7 +133,7 @@ def _study(run: RunDir, job: dict[str, Any]) -> dict[str, Any]:
         from abfleet.core.result import pareto_front
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)
-        from abfleet.storage_url import normalize_url
+        from abfleet.job.storage import normalize_url
 
         url = normalize_url(url)
         storage = optuna.storages.RDBStorage(
@@ -165,7 +165,11 @@ def _study(run: RunDir, job: dict[str, Any]) -> dict[str, Any]:
         for t in trials
         if t.state.name == "RUNNING"
     ]
-    out["heartbeats"] = _heartbeats(storage, trials)
+    out["heartbeats"] = {
+        str(t.number): t.user_attrs[HEARTBEAT_ATTR]
+        for t in trials
+        if t.state.name == "RUNNING" and HEARTBEAT_ATTR in t.user_attrs
+    }
     return out
 
 
@@ -173,23 +177,6 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": 10}}
     return {"connect_args": {"connect_timeout": 10}}
-
-
-def _storage_url(run: RunDir, job: dict[str, Any]) -> str | None:
-    setting = job.get("storage_setting")
-    if setting in ("head", "env"):
-        return os.environ.get("ABFLEET_STORAGE_URL") or _env_file_value(run, "ABFLEET_STORAGE_URL")
-    return setting or f"sqlite:///{run.study_db}"
-
-
-def _env_file_value(run: RunDir, key: str) -> str | None:
-    """Read one value of the run's 0600 env file (the report runs as the same user)."""
-    with contextlib.suppress(OSError):
-        for line in (run.path / ".env").read_text().splitlines():
-            name, _, value = line.partition("=")
-            if name == key:
-                return value.strip().strip("'")
-    return None
 
 
 def _point(t: Any) -> dict[str, Any]:
@@ -207,43 +194,6 @@ def _baseline(data: Any) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         return None
     return {k: data.get(k) for k in ("refusals", "n_bad", "degenerate")}
-
-
-def _heartbeats(storage: Any, trials: list[Any]) -> dict[str, float]:
-    """Last heartbeat of each running trial (Optuna's trial_heartbeats table)."""
-    running = {t._trial_id: t.number for t in trials if t.state.name == "RUNNING"}
-    if not running:
-        return {}
-    try:
-        from sqlalchemy import text
-
-        with storage.engine.connect() as conn:
-            rows = conn.execute(text("SELECT trial_id, heartbeat FROM trial_heartbeats")).fetchall()
-    except Exception:  # noqa: BLE001 - older schema or no heartbeats yet
-        return {}
-    out = {}
-    for trial_id, beat in rows:
-        when = _utc_timestamp(beat)
-        if trial_id in running and when is not None:
-            out[str(running[trial_id])] = when
-    return out
-
-
-def _utc_timestamp(value: Any) -> float | None:
-    """Optuna writes heartbeats with the database's CURRENT_TIMESTAMP: UTC, naive; SQLite hands
-    it back as a string, Postgres as a datetime."""
-    from datetime import datetime, timezone
-
-    if isinstance(value, str):
-        try:
-            value = datetime.fromisoformat(value)
-        except ValueError:
-            return None
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        return value.timestamp()
-    return None
 
 
 def _eta(snap: dict[str, Any]) -> float | None:

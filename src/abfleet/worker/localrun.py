@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from abfleet.core.source import resolve_source
 from abfleet.errors import UserError
-from abfleet.jobs import HEAD_STORAGE, Job, bundle, check_output_dir, load_job
-from abfleet.rundir import RunDir
+from abfleet.job.source import resolve_source
+from abfleet.job.spec import HEAD_STORAGE, Job, bundle, check_output_dir, load_job
+from abfleet.worker.rundir import RunDir
 
 
 @dataclass
-class Prepared:
+class LocalRun:
     job: Job  # the bundled copy inside the run folder
     run: RunDir
     created: bool  # this command created the run folder
@@ -49,7 +49,7 @@ def validate(job: Job) -> None:
     validate_inputs(job)
 
 
-def prepare(job_arg: str | None, flags: dict[str, Any]) -> Prepared:
+def prepare(job_arg: str | None, flags: dict[str, Any]) -> LocalRun:
     job = load_job(job_arg, flags)
     validate(job)
     out = job.output_dir()
@@ -63,7 +63,7 @@ def prepare(job_arg: str | None, flags: dict[str, Any]) -> Prepared:
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    return Prepared(bundled, RunDir(out), created)
+    return LocalRun(bundled, RunDir(out), created)
 
 
 def _absolute_model(job: Job) -> str:
@@ -72,7 +72,7 @@ def _absolute_model(job: Job) -> str:
 
 
 @contextlib.contextmanager
-def cleanup_on_bad_input(prepared: Prepared) -> Iterator[None]:
+def cleanup_on_bad_input(prepared: LocalRun) -> Iterator[None]:
     """Remove a run folder this command created if the run then fails on bad input."""
     try:
         yield
@@ -135,7 +135,7 @@ def placement(workers: int) -> tuple[list[str], int]:
     ], threads
 
 
-def start_secondaries(prepared: Prepared, workers: int, resume: bool) -> list[Any]:
+def start_secondaries(prepared: LocalRun, workers: int, resume: bool) -> list[Any]:
     """Workers 1..N-1 as detached processes on the same study; worker 0 runs in this process."""
     import subprocess
     import sys

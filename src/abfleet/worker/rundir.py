@@ -70,6 +70,26 @@ class RunDir:
                     found.add(int(stem))
         return sorted(found)
 
+    def study_url(self, setting: str | None) -> str | None:
+        """Where the run's study lives, from the job's storage setting: the folder's SQLite
+        file when none is set; for `head` and `env` the URL the controller put in
+        ABFLEET_STORAGE_URL (the environment, or the run's 0600 env file); None if missing."""
+        if setting in ("head", "env"):
+            return os.environ.get("ABFLEET_STORAGE_URL") or self.env_value("ABFLEET_STORAGE_URL")
+        return setting or f"sqlite:///{self.study_db.resolve()}"
+
+    def env_value(self, key: str) -> str | None:
+        """One value of the run's 0600 env file (read by the same user that runs the workers)."""
+        try:
+            text = (self.path / ".env").read_text()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            name, _, value = line.partition("=")
+            if name == key:
+                return value.strip().strip("'")
+        return None
+
     def read_status(self, worker: int) -> dict[str, Any]:
         try:
             return json.loads(self.status_file(worker).read_text(encoding="utf-8"))

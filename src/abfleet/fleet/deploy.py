@@ -21,8 +21,8 @@ from pathlib import Path, PurePosixPath
 from abfleet import __version__
 from abfleet.buildinfo import version_string
 from abfleet.errors import AbfleetError, RemoteError, UserError
+from abfleet.fleet.remote import Remote
 from abfleet.paths import cache_dir
-from abfleet.remote import Remote
 from abfleet.resources import resource_path, source_root
 
 log = logging.getLogger(__name__)

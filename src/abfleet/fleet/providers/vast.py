@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import requests
 
 from abfleet.errors import ProviderError, UserError
-from abfleet.providers.base import (
+from abfleet.fleet.providers.base import (
     FAILED,
     PENDING,
     RUNNING,
@@ -53,6 +53,7 @@ class VastProvider:
         from vastai import VastAI
 
         self.cfg = cfg
+        self.poll_s = cfg.poll_s
         self.attempts = attempts
         self.backoff = backoff
         try:
@@ -261,6 +262,14 @@ class VastProvider:
             raise
         return True
 
+    def describe_offer(self, offer: Offer) -> list[str]:
+        where = f", {offer.location}" if offer.location else ""
+        rel = f", reliability {offer.reliability:.3f}" if offer.reliability is not None else ""
+        return [
+            f"provider {offer.provider}, offer {offer.id}",
+            f"{offer.gpu_count}x {offer.gpu_name} ({offer.gpu_memory_gb:.0f} GB each), machine {offer.machine_id}{where}{rel}",
+        ]
+
     def attach_key(self, instance_id: str, public_key: str) -> None:
         self._checked(
             f"attaching an SSH key to instance {instance_id}",
@@ -276,7 +285,7 @@ class VastProvider:
         return answer
 
     def connect(self, instance: Instance) -> Any:
-        from abfleet.remote import open_remote
+        from abfleet.fleet.remote import open_remote
 
         return open_remote(instance, self.name)
 

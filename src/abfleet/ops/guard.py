@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from abfleet.errors import AbfleetError, UserError
-from abfleet.ledger import Ledger
-from abfleet.monitor import RunView, Target, backup_is_fresh
+from abfleet.fleet.ledger import Ledger
+from abfleet.ops.monitor import RunView, Target, backup_is_fresh
+from abfleet.render import fmt_duration
 
 
 @dataclass
@@ -72,7 +73,7 @@ def assess(
 
 def describe(a: Assessment) -> list[str]:
     rec, run, snap = a.target.instance, a.target.run, a.snapshot
-    up = _duration(time.time() - rec.created_at)
+    up = fmt_duration(time.time() - rec.created_at)
     price = f"{rec.price_per_hour:.3f} $/h" if rec.price_per_hour else "not billed by abfleet"
     lines = [
         f"instance {rec.instance_id} ({rec.provider}), label {rec.label}",
@@ -134,8 +135,3 @@ def confirm_typed(instance_id: str, action: str, yes: bool, ask: Any) -> None:
     typed = ask(f"type the instance id ({instance_id}) to {action} it")
     if typed.strip() != instance_id:
         raise Declined(f"you typed {typed.strip()!r}, not {instance_id}: nothing was changed")
-
-
-def _duration(seconds: float) -> str:
-    minutes = int(seconds // 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m"

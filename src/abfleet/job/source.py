@@ -1,36 +1,67 @@
-"""Where a model comes from (a directory, a .gguf file, a hub id or the demo model), decided
-without loading anything and without importing torch."""
+"""Where a model comes from (a directory, a .gguf file, a hub id or a model built here, such as
+the demo), decided without loading anything and without importing torch.
+
+Built models are named SCHEME:NAME. Whoever builds them registers under the entry point group
+`abfleet.built_models` (the demo does, in pyproject.toml), so this module finds them without
+importing their package, which itself needs the core.
+"""
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from abfleet.errors import UserError
 
 DEFAULT_DTYPES = ("auto", "bfloat16", "float16", "float32")
-DEMO_PREFIX = "demo:"
-DEMO_MODELS = ("smollm2-refusal",)
+BUILT_MODELS_GROUP = "abfleet.built_models"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+class BuiltModels(Protocol):
+    """Models built on this machine rather than found, named SCHEME:NAME."""
+
+    names: tuple[str, ...]
+
+    def identity(self, name: str) -> str:
+        """Changes whenever the build would give other weights."""
+        ...
+
+    def build(self, name: str, progress: Any = None) -> Path:
+        """The model directory, built first if needed."""
+        ...
+
+
+@functools.cache
+def _registered() -> dict[str, Any]:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=BUILT_MODELS_GROUP)}
+
+
+def built_models(scheme: str) -> BuiltModels:
+    return _registered()[scheme].load()
 
 
 @dataclass(frozen=True)
 class ModelSource:
     """Where weights come from, decided without loading anything."""
 
-    kind: str  # "dir", "gguf", "hub" or "demo"
-    location: str  # directory, hub id or demo name
+    kind: str  # "dir", "gguf", "hub" or "built"
+    location: str  # directory, hub id or the built model's name
     gguf_file: str | None = None
+    scheme: str = ""  # for "built": who builds it ("demo")
 
     @property
     def display(self) -> str:
         if self.kind == "gguf":
             return str(Path(self.location) / (self.gguf_file or ""))
-        if self.kind == "demo":
-            return DEMO_PREFIX + self.location
+        if self.kind == "built":
+            return f"{self.scheme}:{self.location}"
         return self.location
 
     @property
@@ -43,13 +74,14 @@ def resolve_source(spec: str) -> ModelSource:
     spec = spec.strip()
     if not spec:
         raise UserError("no model given: pass --model or set model in the job file")
-    if spec.startswith(DEMO_PREFIX):
-        name = spec[len(DEMO_PREFIX) :]
-        if name not in DEMO_MODELS:
+    scheme, colon, name = spec.partition(":")
+    if colon and scheme in _registered():
+        names = built_models(scheme).names
+        if name not in names:
             raise UserError(
-                f"unknown demo model {name!r}: the demo models are {', '.join(DEMO_MODELS)}"
+                f"unknown {scheme} model {name!r}: the {scheme} models are {', '.join(names)}"
             )
-        return ModelSource("demo", name)
+        return ModelSource("built", name, scheme=scheme)
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -107,17 +139,13 @@ def model_identity(spec: str) -> str:
     if source.kind == "gguf":
         file = Path(source.location) / (source.gguf_file or "")
         return f"gguf:{file.name}:{file.stat().st_size}"
-    if source.kind == "demo":
-        from abfleet.demo.refusal_tune import recipe_hash
-
-        return f"demo:{source.location}:{recipe_hash()}"
+    if source.kind == "built":
+        return f"{source.display}:{built_models(source.scheme).identity(source.location)}"
     return spec
 
 
 def materialize(source: ModelSource, progress: Any = None) -> ModelSource:
-    """Turn a demo source into the local directory it is built in (building it if needed)."""
-    if source.kind != "demo":
+    """Turn a built source (the demo) into the local directory it is built in."""
+    if source.kind != "built":
         return source
-    from abfleet.demo.refusal_tune import ensure_demo_model
-
-    return ModelSource("dir", str(ensure_demo_model(progress=progress)))
+    return ModelSource("dir", str(built_models(source.scheme).build(source.location, progress)))

@@ -12,7 +12,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from abfleet.render import fmt_kl, fmt_refusals
+from abfleet.render import fmt_duration, fmt_kl, fmt_refusals
 
 
 @dataclass
@@ -28,15 +28,6 @@ class ViewInfo:
     backup: dict[str, Any] | None = None
 
 
-def hms(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(max(0, seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 def gauge(used: float | None, total: float | None, width: int = 18) -> RenderableType:
     if used is None or not total:
         return Text("-")
@@ -49,7 +40,7 @@ def render(snap: dict[str, Any] | None, info: ViewInfo, now: float | None = None
     if info.stale_since is not None:
         parts.append(
             Text(
-                f"STALE: no answer from the box for {hms(now - info.stale_since)} ({info.error}); "
+                f"STALE: no answer from the box for {fmt_duration(now - info.stale_since, live=True)} ({info.error}); "
                 "reconnecting. Figures below are from the last snapshot.",
                 style="bold yellow",
             )
@@ -61,7 +52,7 @@ def render(snap: dict[str, Any] | None, info: ViewInfo, now: float | None = None
             )
         parts.append(_tables(snap))
         if len(snap.get("workers", [])) > 0:
-            parts.append(_workers(snap, now))
+            parts.append(workers_table(snap, now))
         tail = snap.get("log_tail", [])[-8:]
         if tail:
             parts.append(
@@ -99,7 +90,7 @@ def _header(snap: dict[str, Any] | None, info: ViewInfo, now: float) -> Renderab
         eta = snap.get("eta_s")
         median = snap.get("median_trial_s")
         lines.add_row(
-            Text(f"ETA {hms(eta) if eta is not None else '-'}"),
+            Text(f"ETA {fmt_duration(eta, live=True) if eta is not None else '-'}"),
             Text(f"median {median if median else '-'} s/trial"),
         )
         base = snap.get("baseline")
@@ -110,17 +101,18 @@ def _header(snap: dict[str, Any] | None, info: ViewInfo, now: float) -> Renderab
             )
     else:
         lines.add_row(Text("no snapshot yet", style="bold"), Text(""))
-    lines.add_row(Text(f"{rate}"), Text(f"cost so far {cost}, up {hms(now - info.created_at)}"))
+    lines.add_row(
+        Text(f"{rate}"),
+        Text(f"cost so far {cost}, up {fmt_duration(now - info.created_at, live=True)}"),
+    )
     age = (
-        f"refreshed {hms(now - info.refreshed_at)} ago"
+        f"refreshed {fmt_duration(now - info.refreshed_at, live=True)} ago"
         if info.refreshed_at
         else "not refreshed yet"
     )
     backup = info.backup
     if backup:
-        age += (
-            f"; study backed up {hms(now - backup['at'])} ago ({backup.get('complete', 0)} trials)"
-        )
+        age += f"; study backed up {fmt_duration(now - backup['at'], live=True)} ago ({backup.get('complete', 0)} trials)"
     title = f"run {info.run} on {info.instance_id} ({info.gpu})"
     return Panel(lines, title=title, title_align="left", subtitle=age, subtitle_align="right")
 
@@ -174,7 +166,7 @@ def _tables(snap: dict[str, Any]) -> RenderableType:
     return grid
 
 
-def _workers(snap: dict[str, Any], now: float) -> RenderableType:
+def workers_table(snap: dict[str, Any], now: float) -> RenderableType:
     table = Table(title="workers", title_justify="left")
     for col in (
         "#",
@@ -193,7 +185,7 @@ def _workers(snap: dict[str, Any], now: float) -> RenderableType:
         current = w.get("current_trial")
         beat = beats.get(str(current)) if current is not None else None
         running_for = (
-            hms(now - w["current_trial_started"])
+            fmt_duration(now - w["current_trial_started"], live=True)
             if current is not None and w.get("current_trial_started")
             else "-"
         )
@@ -205,7 +197,7 @@ def _workers(snap: dict[str, Any], now: float) -> RenderableType:
             ("" if w["alive"] else "[red]dead[/] ") + str(w["state"]),
             str(current) if current is not None else "-",
             running_for,
-            f"{hms(now - beat)} ago" if beat else "-",
+            f"{fmt_duration(now - beat, live=True)} ago" if beat else "-",
             str(w.get("trials_here", 0)),
         )
     return table

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from abfleet import manifest
 from abfleet.errors import AbfleetError, RemoteError
-from abfleet.remote import LocalRemote, Remote, SshRemote
+from abfleet.fleet.remote import LocalRemote, Remote, SshRemote
+from abfleet.job import manifest
 
 log = logging.getLogger(__name__)
 

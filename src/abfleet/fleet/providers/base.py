@@ -82,7 +82,16 @@ class Instance:
 
 class Provider(Protocol):
     name: str
-    billable: bool  # creating costs money: confirmation required
+    billable: bool  # creating costs money: confirmation required; destroy removes the machine
+    poll_s: float  # how often to ask for an instance's state while it boots
+
+    def describe_offer(self, offer: Offer) -> list[str]:
+        """Lines that show the user exactly what would be rented."""
+        ...
+
+    def attach_key(self, instance_id: str, public_key: str) -> None:
+        """Give a running instance an SSH public key (or say why this provider cannot)."""
+        ...
 
     def offers(self, req: Requirements) -> list[Offer]: ...
 

@@ -11,8 +11,8 @@ import socket
 from typing import Any
 
 from abfleet.errors import UserError
-from abfleet.ledger import Ledger
-from abfleet.providers.base import GONE, RUNNING, CreateSpec, Instance, Offer, Requirements
+from abfleet.fleet.ledger import Ledger
+from abfleet.fleet.providers.base import GONE, RUNNING, CreateSpec, Instance, Offer, Requirements
 
 _HOST = re.compile(
     r"^(?:(?P<user>[A-Za-z0-9._-]+)@)?(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:]+\])(?::(?P<port>\d{1,5}))?$"
@@ -33,6 +33,13 @@ def parse_host(spec: str, default_user: str = "root") -> tuple[str, str, int]:
 class _Owned:
     name = ""
     billable = False
+    poll_s = 1.0
+
+    def describe_offer(self, offer: Offer) -> list[str]:
+        return [f"provider {offer.provider}, offer {offer.id}"]
+
+    def attach_key(self, instance_id: str, public_key: str) -> None:
+        raise UserError("attach-key is for Vast.ai instances")
 
     def __init__(self, ledger: Ledger | None = None) -> None:
         self.ledger = ledger or Ledger()
@@ -73,7 +80,7 @@ class _Owned:
 
     def stop(self, instance_id: str) -> None:
         """Stopping a machine abfleet does not own means stopping abfleet's workers on it."""
-        from abfleet.deploy import stop_workers
+        from abfleet.fleet.deploy import stop_workers
 
         inst = self.get(instance_id)
         if inst is None:
@@ -124,7 +131,7 @@ class SshProvider(_Owned):
         )
 
     def connect(self, instance: Instance) -> Any:
-        from abfleet.remote import open_remote
+        from abfleet.fleet.remote import open_remote
 
         return open_remote(instance, self.name)
 
@@ -160,7 +167,7 @@ class LocalProvider(_Owned):
         )
 
     def connect(self, instance: Instance) -> Any:
-        from abfleet.remote import LocalRemote
+        from abfleet.fleet.remote import LocalRemote
 
         return LocalRemote()
 

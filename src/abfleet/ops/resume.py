@@ -13,10 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from abfleet import launcher
 from abfleet.errors import UserError
-from abfleet.ledger import Ledger
-from abfleet.monitor import BACKUP_FILE, read_backup_meta
+from abfleet.fleet.ledger import Ledger
+from abfleet.fleet.plan import prepare, requirements
+from abfleet.fleet.rent import create_and_wait
+from abfleet.fleet.submit import register, setup, submit
+from abfleet.ops.monitor import BACKUP_FILE, read_backup_meta
 
 
 def _sources(ledger: Ledger, run_name: str) -> tuple[Path, Path, dict[str, Any]]:
@@ -59,16 +61,16 @@ def resume(
     if here:
         _resume_here(run_name, study, job_file, overrides, say)
         return
-    from abfleet.providers import get_provider
+    from abfleet.fleet.providers import get_provider
 
-    prepared = launcher.prepare(str(job_file), overrides)
+    prepared = prepare(str(job_file), overrides)
     provider = get_provider(provider_name, host)
-    req = launcher.requirements(prepared.plan, None, max_price)
+    req = requirements(prepared.sizing, None, max_price)
     new_run = f"{run_name}-r{time.strftime('%H%M%S')}"
-    instance, remote = launcher.create_and_wait(
+    instance, remote = create_and_wait(
         provider,
         ledger,
-        prepared.plan,
+        prepared.sizing,
         req,
         new_run,
         prepared.job.spec.search.n_trials,
@@ -77,14 +79,13 @@ def resume(
         say,
     )
     try:
-        box = launcher.setup(remote, say)
-        launcher.register(provider, ledger, instance, box)
-        launcher.submit(
+        box = setup(remote, say)
+        register(provider, ledger, instance, box)
+        submit(
             provider.name,
             instance.id,
             box,
-            prepared.job,
-            prepared.plan,
+            prepared,
             new_run,
             ledger,
             say,
@@ -104,9 +105,8 @@ def _resume_here(
     overrides: dict[str, Any],
     say: Callable[[str], None],
 ) -> None:
-    from abfleet import localrun
-    from abfleet.cli.run import ConsoleReporter
-    from abfleet.core.pipeline import RunOptions, run_job
+    from abfleet.worker import localrun
+    from abfleet.worker.jobrun import ConsoleReporter, RunOptions, run_job
 
     out = Path("runs") / run_name
     flags = {**overrides, "output": str(out)}

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from abfleet.deploy import Box, run_script
 from abfleet.errors import ProviderError
-from abfleet.providers.base import Instance
+from abfleet.fleet.deploy import Box, run_script
+from abfleet.fleet.providers.base import Instance
 
 CERT_NAME = "pg-server.crt"
 

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Result:
+class CommandResult:
     code: int
     stdout: str
     stderr: str
@@ -41,7 +41,9 @@ class Result:
 class Remote(Protocol):
     label: str
 
-    def run(self, argv: list[str], timeout: float | None = None, check: bool = True) -> Result: ...
+    def run(
+        self, argv: list[str], timeout: float | None = None, check: bool = True
+    ) -> CommandResult: ...
 
     def put(self, local: Path, remote: str) -> None: ...
 
@@ -52,7 +54,7 @@ class Remote(Protocol):
     def close(self) -> None: ...
 
 
-def _check(result: Result, argv: list[str], label: str) -> Result:
+def _check(result: CommandResult, argv: list[str], label: str) -> CommandResult:
     if result.code != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
         raise RemoteError(
@@ -193,7 +195,9 @@ class SshRemote:
             "`abfleet attach-key ID` for an existing instance"
         )
 
-    def run(self, argv: list[str], timeout: float | None = None, check: bool = True) -> Result:
+    def run(
+        self, argv: list[str], timeout: float | None = None, check: bool = True
+    ) -> CommandResult:
         command = shlex.join(argv)
         try:
             r = self.conn.run(command, hide=True, warn=True, in_stream=False, timeout=timeout)
@@ -201,7 +205,7 @@ class SshRemote:
             raise RemoteError(
                 f"on {self.label}: `{command[:120]}` did not complete: {exc}"
             ) from exc
-        result = Result(r.exited, r.stdout, r.stderr)
+        result = CommandResult(r.exited, r.stdout, r.stderr)
         return _check(result, argv, self.label) if check else result
 
     @property
@@ -239,7 +243,9 @@ class LocalRemote:
 
     label = "this machine"
 
-    def run(self, argv: list[str], timeout: float | None = None, check: bool = True) -> Result:
+    def run(
+        self, argv: list[str], timeout: float | None = None, check: bool = True
+    ) -> CommandResult:
         try:
             proc = subprocess.run(
                 argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
@@ -248,9 +254,9 @@ class LocalRemote:
             raise RemoteError(f"`{shlex.join(argv)[:120]}` timed out after {timeout} s") from exc
         except FileNotFoundError:
             # What a shell on a box answers for a missing program, so callers see one behaviour.
-            result = Result(127, "", f"{argv[0]}: command not found")
+            result = CommandResult(127, "", f"{argv[0]}: command not found")
             return _check(result, argv, self.label) if check else result
-        result = Result(proc.returncode, proc.stdout, proc.stderr)
+        result = CommandResult(proc.returncode, proc.stdout, proc.stderr)
         return _check(result, argv, self.label) if check else result
 
     def put(self, local: Path, remote: str) -> None:
@@ -277,8 +283,6 @@ def open_remote(
     from abfleet.settings import settings
 
     ssh = settings().ssh
-    if provider == "local":
-        return LocalRemote()
     if not getattr(instance, "ssh_host", None) or not getattr(instance, "ssh_port", None):
         raise RemoteError(
             f"instance {getattr(instance, 'id', '?')} has no SSH address yet (still starting?)"

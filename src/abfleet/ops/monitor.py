@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from abfleet.errors import AbfleetError, RemoteError, UserError
-from abfleet.ledger import InstanceRecord, Ledger, RunRecord
-from abfleet.remote import LocalRemote, Remote, SshRemote
+from abfleet.fleet.ledger import InstanceRecord, Ledger, RunRecord
+from abfleet.fleet.remote import LocalRemote, Remote, SshRemote
 
 BACKUP_FILE = "study.db"
 BACKUP_META = "backup.json"
@@ -50,7 +50,7 @@ class Session:
     """One connection to a run's box."""
 
     def __init__(self, target: Target, timeout: float | None = None) -> None:
-        from abfleet.launcher import connect_record
+        from abfleet.fleet.providers import connect_record
 
         self.target = target
         self.remote: Remote = connect_record(target.instance, timeout=timeout)

@@ -13,10 +13,10 @@ import time
 from rich.live import Live
 
 from abfleet.console import console
-from abfleet.dashboard import ViewInfo, render
 from abfleet.errors import AbfleetError
-from abfleet.ledger import Ledger
-from abfleet.monitor import RunView, Target, read_backup_meta
+from abfleet.fleet.ledger import Ledger
+from abfleet.ops.dashboard import ViewInfo, render
+from abfleet.ops.monitor import RunView, Target, read_backup_meta
 
 log = logging.getLogger(__name__)
 

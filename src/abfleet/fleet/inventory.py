@@ -6,30 +6,20 @@ Two mismatches are the reason this exists: an instance that bills but is not in 
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
-from abfleet.ledger import Ledger
-from abfleet.providers import get_provider
-from abfleet.providers.base import Instance
-
-
-def vast_key_available() -> bool:
-    if os.environ.get("VAST_API_KEY"):
-        return True
-    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return (config / "vastai" / "vast_api_key").is_file() or (
-        Path.home() / ".vast_api_key"
-    ).is_file()
+from abfleet.fleet.ledger import Ledger
+from abfleet.fleet.providers import RENTED, get_provider, has_account
+from abfleet.fleet.providers.base import Instance
 
 
 def inventory(ledger: Ledger, include_destroyed: bool = False) -> list[dict[str, Any]]:
     records = ledger.instances(include_destroyed)
     live: dict[tuple[str, str], Instance] = {}
-    if any(r.provider == "vast" for r in records if r.state != "destroyed") or vast_key_available():
-        for inst in get_provider("vast").list():
-            live[("vast", inst.id)] = inst
+    for name in RENTED:
+        if has_account(name) or any(r.provider == name for r in records if r.state != "destroyed"):
+            for inst in get_provider(name).list():
+                live[(name, inst.id)] = inst
     runs = {}
     for run in ledger.runs():
         runs[(run.provider, run.instance_id)] = run
@@ -40,7 +30,7 @@ def inventory(ledger: Ledger, include_destroyed: bool = False) -> list[dict[str,
         known.add(key)
         inst = (
             live.get(key)
-            if rec.provider == "vast"
+            if rec.provider in RENTED
             else get_provider(rec.provider).get(rec.instance_id or "")
         )
         note = ""

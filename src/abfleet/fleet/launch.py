@@ -1,0 +1,133 @@
+"""`abfleet launch`: one plan, rented, set up and started, in a few steps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from abfleet.errors import UserError
+from abfleet.fleet.ledger import Ledger, RunRecord
+from abfleet.fleet.plan import Confirm, Say, prepare, requirements
+from abfleet.fleet.rent import create_fleet
+from abfleet.fleet.sizing import Plan
+from abfleet.fleet.submit import (
+    BoxPlan,
+    gpu_groups,
+    new_run_name,
+    record_run,
+    register,
+    setup,
+    submit_box,
+)
+from abfleet.job.spec import HEAD_STORAGE
+from abfleet.job.storage import is_sqlite, resolve_shared
+from abfleet.paths import local_run_dir
+from abfleet.settings import settings
+
+
+def launch(
+    job_arg: str | None,
+    flags: dict[str, Any],
+    provider_name: str,
+    host: str | None,
+    yes: bool,
+    max_price: float | None,
+    disk_gb: int | None,
+    workers: int,
+    instances: int,
+    resume: bool,
+    confirm: Confirm | None,
+    say: Say,
+    show_plan: Callable[[Plan], None] | None = None,
+) -> RunRecord:
+    """Size, rent (or register), set up and start a job on one or several boxes."""
+    from abfleet.core.pipeline import create_shared_study
+    from abfleet.fleet import headdb
+    from abfleet.fleet.providers import get_provider
+
+    if workers < 1 or instances < 1:
+        raise UserError("--workers and --instances must be at least 1")
+    lp = prepare(job_arg, flags)
+    job, plan = lp.job, lp.sizing
+    if show_plan:
+        show_plan(plan)
+    storage = job.spec.search.storage
+    head = storage == HEAD_STORAGE
+    if storage and not head:
+        storage = resolve_shared(storage)
+    if instances > 1 and (not storage or is_sqlite(storage)):
+        raise UserError(
+            f"{instances} instances need one shared study: --storage head (Postgres on the first instance) "
+            "or --storage postgresql://USER@HOST/DB; a SQLite study cannot be shared between boxes"
+        )
+    if storage and not head:
+        # Unreachable or a wrong password: fails here, before anything is rented.
+        create_shared_study(job, storage, resume, prompts=lp.prompts)
+    provider = get_provider(provider_name, host)
+    if instances > 1 and not provider.billable:
+        raise UserError(
+            "--instances is for rented boxes (--provider vast); give a Postgres URL to share a study with your own machines"
+        )
+    ledger = Ledger()
+    req = requirements(plan, disk_gb, max_price, workers=workers)
+    run = new_run_name(job)
+    pg_port = settings().vast.postgres_port
+    fleet = create_fleet(
+        provider,
+        ledger,
+        plan,
+        req,
+        run,
+        job.spec.search.n_trials,
+        yes,
+        confirm,
+        say,
+        instances,
+        (pg_port,) if head else (),
+    )
+    try:
+        boxes = []
+        for instance, remote in fleet:
+            box = setup(remote, say)
+            register(provider, ledger, instance, box)
+            boxes.append(box)
+        envs: list[dict[str, str]] = [{} for _ in fleet]
+        files: dict[str, Path] = {}
+        if head:
+            db = headdb.start(boxes[0], fleet[0][0], pg_port, local_run_dir(run), say)
+            create_shared_study(job, db.url_for_controller(), resume, prompts=lp.prompts)
+            envs = [
+                {
+                    "ABFLEET_STORAGE_URL": db.url_on_head(b.run_dir(run))
+                    if i == 0
+                    else db.url_elsewhere(b.run_dir(run))
+                }
+                for i, b in enumerate(boxes)
+            ]
+            files = {headdb.CERT_NAME: db.local_cert}
+        elif storage:
+            envs = [{"ABFLEET_STORAGE_URL": storage} for _ in fleet]
+        for i, ((instance, _), box) in enumerate(zip(fleet, boxes, strict=True)):
+            gpus = gpu_groups(workers, plan.gpu_count, instance.gpu_count)
+            bp = BoxPlan(
+                first_index=i * workers,
+                workers=workers,
+                gpus=gpus,
+                env=envs[i],
+                shared_study=bool(storage),
+                extra_files=files,
+            )
+            submit_box(box, lp, run, say, bp)
+    finally:
+        for _, remote in fleet:
+            remote.close()
+    return record_run(
+        ledger,
+        provider.name,
+        [inst.id for inst, _ in fleet],
+        boxes[0].run_dir(run),
+        job,
+        run,
+        workers * instances,
+    )
