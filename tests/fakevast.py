@@ -2,7 +2,8 @@
 
 It speaks what vastai 1.9's SDK sends and expects (read from its source): POST /api/v0/bundles/
 with a filter dict (gpu_ram in MB, `order`, `type`, `allocated_storage`), PUT /api/v0/asks/{id}/
-answering {"success": true, "new_contract": id}, the paginated GET /api/v1/instances/ (25 a page,
+answering {"success": true, "new_contract": id, "instance_api_key": ...} (or success false with
+the id of an instance created stopped), the paginated GET /api/v1/instances/ (25 a page,
 next_token), GET /api/v0/instances/{id}/?owner=me -> {"instances": {...}}, PUT/DELETE on
 /api/v0/instances/{id}/, and the traps of the real service: a wrong key answers 404 auth_error,
 the old list endpoint answers 410, destroying a missing instance answers no_such_instance.
@@ -111,6 +112,9 @@ class FakeVast:
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str, Any]] = []
         self.boot_failures = 0  # the next N created instances fail to boot
+        # The next N creates make the instance but cannot start it: Vast answers
+        # {"success": false, "new_contract": N, ...} and the instance stays, stopped, billing.
+        self.start_failures = 0
         self.lock = threading.RLock()
         self._next_id = 5_000_000
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -322,6 +326,8 @@ class FakeVast:
         iid = self._next_id
         fail = self.boot_failures > 0
         self.boot_failures -= int(fail)
+        stopped = self.start_failures > 0
+        self.start_failures -= int(stopped)
         self.instances[iid] = {
             "id": iid,
             "machine_id": offer["machine_id"],
@@ -355,7 +361,18 @@ class FakeVast:
             "_created": time.time(),
             "_fail_boot": fail,
         }
-        return 200, {"success": True, "new_contract": iid}
+        # The real answer carries the instance's own API key: it must never be shown.
+        answer = {"new_contract": iid, "instance_api_key": f"instance-secret-{iid}"}
+        if stopped:
+            self.instances[iid].update(
+                intended_status="stopped", actual_status="stopped", cur_state="stopped"
+            )
+            return 200, {
+                "success": False,
+                **answer,
+                "msg": "Instance created but could not be started: resources unavailable",
+            }
+        return 200, {"success": True, **answer}
 
     def _page(self, query: dict[str, list[str]]) -> dict[str, Any]:
         limit = int(json.loads(query.get("limit", ["25"])[0]))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from abfleet.errors import ProviderError
+from abfleet.errors import AbfleetError, ProviderError
 from abfleet.fleet.ledger import Ledger
 from abfleet.fleet.providers.base import FAILED, PENDING, RUNNING, CreateSpec, Requirements
 from abfleet.fleet.providers.vast import VastProvider
-from abfleet.fleet.rent import create_and_wait
+from abfleet.fleet.rent import Rental, create_and_wait
 from abfleet.settings import settings
 from fakevast import API_KEY
 
@@ -130,11 +130,21 @@ def test_destroying_a_missing_instance_counts_as_done(vast, fake_vast):
 
 def test_boot_failure_is_destroyed_and_replaced_once_on_another_machine(vast, fake_vast):
     fake_vast.boot_failures = 1
+    fake_vast.offers[1]["dph_total"] = fake_vast.offers[0]["dph_total"]  # same price as agreed
     ledger = Ledger()
     plan_like = type("P", (), {"hours_for": lambda self, n: 1.0})()
     messages = []
     inst, remote = create_and_wait(
-        vast, ledger, plan_like, req(), "boot-retry", 1, True, None, messages.append
+        vast,
+        ledger,
+        plan_like,
+        req(),
+        "boot-retry",
+        1,
+        True,
+        None,
+        messages.append,
+        Rental(vast, ledger),
     )
     remote.close()
     failed_first = [b for b in fake_vast.calls("PUT", r"/api/v0/asks/")]
@@ -146,3 +156,31 @@ def test_boot_failure_is_destroyed_and_replaced_once_on_another_machine(vast, fa
     states = {r.instance_id: r.state for r in ledger.instances(include_destroyed=True)}
     assert sorted(states.values()) == ["active", "destroyed"]
     assert FAILED not in {i.state for i in vast.list()}
+
+
+def _dearer_launch(vast, fake_vast, confirm):
+    """The first machine (0.21 $/h, confirmed) fails to boot; the next one costs 0.24 $/h."""
+    fake_vast.boot_failures = 1
+    ledger = Ledger()
+    plan_like = type("P", (), {"hours_for": lambda self, n: 1.0})()
+    rental = Rental(vast, ledger)
+    with rental:
+        inst, remote = create_and_wait(
+            vast, ledger, plan_like, req(), "dearer", 1, True, confirm, lambda m: None, rental
+        )
+    remote.close()
+    return inst
+
+
+def test_a_dearer_replacement_is_not_rented_without_asking(vast, fake_vast):
+    with pytest.raises(AbfleetError, match=r"0\.240 \$/h instead of the 0\.210 \$/h you confirmed"):
+        _dearer_launch(vast, fake_vast, confirm=None)
+    assert fake_vast.instances == {}
+    assert len(fake_vast.calls("PUT", r"/api/v0/asks/")) == 1
+
+
+def test_a_dearer_replacement_is_rented_once_the_user_says_yes_again(vast, fake_vast):
+    asked = []
+    inst = _dearer_launch(vast, fake_vast, confirm=lambda q: asked.append(q) or True)
+    assert any("0.240 $/h instead of the 0.210 $/h" in q for q in asked)
+    assert list(fake_vast.instances) == [int(inst.id)]

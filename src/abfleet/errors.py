@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def reason(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type when it has none: never `()`."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 class AbfleetError(Exception):
     """A failure the user can act on; the CLI prints its message and exits with exit_code."""
 
@@ -17,6 +23,15 @@ class UserError(AbfleetError):
 
 class ProviderError(AbfleetError):
     """The cloud provider refused or failed a request."""
+
+
+class CreateFailed(ProviderError):
+    """A create that gave no usable instance. instance_id is the one the provider made anyway
+    (it bills until destroyed), or None when the provider holds nothing of it."""
+
+    def __init__(self, message: str, instance_id: str | None = None) -> None:
+        super().__init__(message)
+        self.instance_id = instance_id
 
 
 class RemoteError(AbfleetError):

@@ -12,13 +12,13 @@ from rich.table import Table
 
 from abfleet.cli.options import job_flags, pop_job_flags
 from abfleet.console import console, is_interactive, setup_logging
-from abfleet.errors import UserError
+from abfleet.errors import AbfleetError, UserError
 from abfleet.fleet.instances import resolve_instance
 from abfleet.fleet.launch import launch
 from abfleet.fleet.ledger import InstanceRecord, Ledger
 from abfleet.fleet.plan import prepare, requirements
 from abfleet.fleet.providers import NAMES, connect_record, get_provider
-from abfleet.fleet.rent import create_and_wait
+from abfleet.fleet.rent import Rental, create_and_wait
 from abfleet.fleet.submit import new_run_name, setup, submit
 from abfleet.render import fmt_duration, sizing_table
 
@@ -64,6 +64,11 @@ provider_option = click.option(
 )
 host_option = click.option("--host", help="For --provider ssh: user@host[:port] of your machine.")
 yes_option = click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
+keep_option = click.option(
+    "--keep-on-failure",
+    is_flag=True,
+    help="If a step after the create fails, keep the instance (it bills) instead of destroying it.",
+)
 
 
 @click.command("offers")
@@ -126,6 +131,7 @@ def offers_cmd(
 @click.option(
     "--resume", is_flag=True, help="Continue a shared study made by a different job spec."
 )
+@keep_option
 @click.pass_context
 def launch_cmd(
     ctx: click.Context,
@@ -138,6 +144,7 @@ def launch_cmd(
     workers: int,
     instances: int,
     resume: bool,
+    keep_on_failure: bool,
     **kwargs: Any,
 ) -> None:
     """Size, rent, set up and start JOB on a box (or several), in one go.
@@ -159,6 +166,7 @@ def launch_cmd(
         confirm_fn(),
         say,
         show_plan=lambda plan: render_sizing(plan, False),
+        keep_on_failure=keep_on_failure,
     )
     first = record.instances[0]
     where = (
@@ -180,6 +188,7 @@ def launch_cmd(
 @yes_option
 @click.option("--max-price", type=float, help="Highest $/h to rent at.")
 @click.option("--disk", "disk_gb", type=int, help="Disk in GB (never below what sizing says).")
+@keep_option
 @click.pass_context
 def create_cmd(
     ctx: click.Context,
@@ -190,6 +199,7 @@ def create_cmd(
     yes: bool,
     max_price: float | None,
     disk_gb: int | None,
+    keep_on_failure: bool,
 ) -> None:
     """Rent (or register) a box sized for MODEL and wait until SSH answers."""
     setup_logging(ctx.obj.get("verbose", False))
@@ -199,17 +209,19 @@ def create_cmd(
     ledger = Ledger()
     req = requirements(prepared.sizing, disk_gb, max_price)
     run = new_run_name(prepared.job)
-    instance, remote = create_and_wait(
-        prov,
-        ledger,
-        prepared.sizing,
-        req,
-        run,
-        prepared.job.spec.search.n_trials,
-        yes,
-        confirm_fn(),
-        say,
-    )
+    with Rental(prov, ledger, keep_on_failure) as rental:
+        instance, remote = create_and_wait(
+            prov,
+            ledger,
+            prepared.sizing,
+            req,
+            run,
+            prepared.job.spec.search.n_trials,
+            yes,
+            confirm_fn(),
+            say,
+            rental,
+        )
     remote.close()
     console.print(
         f"[bold green]ready[/]: instance {instance.id}; next `abfleet setup {instance.id}`"
@@ -277,12 +289,18 @@ def list_cmd(as_json: bool, show_all: bool) -> None:
     """Every instance: the ledger merged with what the providers report."""
     from abfleet.fleet.inventory import inventory
 
-    rows = inventory(Ledger(), show_all)
+    found = inventory(Ledger(), show_all)
+    rows = found.rows
     if as_json:
         click.echo(json.dumps(rows, indent=1, default=str))
+        _fail_if_blind(found.unseen)
         return
     table = Table(title="Instances")
-    for col in ("id", "provider", "label", "GPU", "state", "$/h", "up", "run", "note"):
+    # An id is what the user types next: never cut it, whatever the terminal's width.
+    table.add_column(
+        "id", no_wrap=True, min_width=max((len(str(r["id"])) for r in rows), default=2)
+    )
+    for col in ("provider", "label", "GPU", "state", "$/h", "up", "run", "note"):
         table.add_column(col)
     for r in rows:
         table.add_row(
@@ -302,6 +320,13 @@ def list_cmd(as_json: bool, show_all: bool) -> None:
             console.print(
                 f"[bold red]instance {r['id']} bills but abfleet did not create it[/] (or lost its record)"
             )
+    _fail_if_blind(found.unseen)
+
+
+def _fail_if_blind(unseen: list[str]) -> None:
+    """A list that could not ask a provider must not look complete: a box may bill unseen."""
+    if unseen:
+        raise AbfleetError("; ".join(unseen))
 
 
 @click.command("attach-key")

@@ -27,6 +27,9 @@ run_option = click.option(
 
 
 def _target(ledger: Ledger, instance: str | None, run_name: str | None = None) -> Target:
+    from abfleet.fleet.inventory import settle_open_creates
+
+    settle_open_creates(ledger)
     record = resolve_instance(ledger, instance, choose_fn())
     return Target(record, pick_run(ledger, record, run_name))
 
@@ -285,6 +288,11 @@ def download_cmd(
 @click.option("--trials", type=int, help="New total trial budget.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
 @click.option("--max-price", type=float)
+@click.option(
+    "--keep-on-failure",
+    is_flag=True,
+    help="If a step after the create fails, keep the new instance instead of destroying it.",
+)
 @click.pass_context
 def resume_cmd(
     ctx: click.Context,
@@ -295,12 +303,25 @@ def resume_cmd(
     trials: int | None,
     yes: bool,
     max_price: float | None,
+    keep_on_failure: bool,
 ) -> None:
     """Continue RUN from its local study backup: on a new box, or here with --here."""
     from abfleet.ops.resume import resume
 
     setup_logging(ctx.obj.get("verbose", False))
-    resume(Ledger(), run_name, here, provider, host, trials, yes, max_price, confirm_fn(), say)
+    resume(
+        Ledger(),
+        run_name,
+        here,
+        provider,
+        host,
+        trials,
+        yes,
+        max_price,
+        confirm_fn(),
+        say,
+        keep_on_failure,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

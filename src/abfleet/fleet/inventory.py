@@ -6,20 +6,46 @@ Two mismatches are the reason this exists: an instance that bills but is not in 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from abfleet.fleet.ledger import Ledger
-from abfleet.fleet.providers import RENTED, get_provider, has_account
+from abfleet.errors import AbfleetError, reason
+from abfleet.fleet.ledger import InstanceRecord, Ledger
+from abfleet.fleet.providers import RENTED, get_provider
 from abfleet.fleet.providers.base import Instance
+from abfleet.fleet.rent import settle_pending
 
 
-def inventory(ledger: Ledger, include_destroyed: bool = False) -> list[dict[str, Any]]:
-    records = ledger.instances(include_destroyed)
+@dataclass
+class Inventory:
+    rows: list[dict[str, Any]]
+    unseen: list[str]  # rented providers that could not be asked, and why
+
+
+def inventory(ledger: Ledger, include_destroyed: bool = False) -> Inventory:
     live: dict[tuple[str, str], Instance] = {}
+    blind: dict[str, str] = {}  # provider -> why it could not be asked
+    settled_rows: list[dict[str, Any]] = []
     for name in RENTED:
-        if has_account(name) or any(r.provider == name for r in records if r.state != "destroyed"):
-            for inst in get_provider(name).list():
-                live[(name, inst.id)] = inst
+        try:
+            instances = get_provider(name).list()  # no API key: the provider's own message
+        except AbfleetError as exc:
+            blind[name] = (
+                f"cannot see {name} instances ({reason(exc)}); the list below is abfleet's ledger only"
+            )
+            continue
+        live.update({(name, inst.id): inst for inst in instances})
+        # Creates that got no answer are settled here, by label, rather than left pending.
+        for row, inst in settle_pending(ledger, name, instances):
+            if inst is None:
+                settled_rows.append(
+                    {
+                        **_ledger_row(row, None, None),
+                        "state": "create-failed",
+                        "note": "create failed: the provider never made it; nothing bills",
+                    }
+                )
+    records = ledger.instances(include_destroyed)
     runs = {}
     for run in ledger.runs():
         runs[(run.provider, run.instance_id)] = run
@@ -33,31 +59,11 @@ def inventory(ledger: Ledger, include_destroyed: bool = False) -> list[dict[str,
             if rec.provider in RENTED
             else get_provider(rec.provider).get(rec.instance_id or "")
         )
-        note = ""
-        if rec.state == "creating":
-            note = "create unresolved: run `abfleet list` again in a minute"
-        elif rec.state == "destroyed":
-            note = "destroyed"
-        elif inst is None:
-            note = "vanished: the provider no longer knows it (destroyed elsewhere?)"
-        run = runs.get(key)
-        rows.append(
-            {
-                "id": rec.instance_id or f"(pending {rec.key})",
-                "provider": rec.provider,
-                "label": rec.label,
-                "gpu": f"{(inst.gpu_count if inst else rec.gpu_count) or ''}x {(inst.gpu_name if inst else rec.gpu_name) or ''}".strip(),
-                "state": inst.state
-                if inst
-                else ("destroyed" if rec.state == "destroyed" else "gone"),
-                "price_per_hour": inst.price_per_hour if inst else rec.price_per_hour,
-                "started_at": (inst.started_at if inst else None) or rec.created_at,
-                "run": run.name if run else None,
-                "run_state": run.state if run else None,
-                "in_ledger": True,
-                "note": note,
-            }
-        )
+        row = _ledger_row(rec, inst, runs.get(key))
+        if rec.provider in blind:
+            row.update(state="unknown", note=f"{rec.provider} could not be asked")
+        rows.append(row)
+    rows += settled_rows
     for key, inst in live.items():
         if key in known:
             continue
@@ -76,4 +82,37 @@ def inventory(ledger: Ledger, include_destroyed: bool = False) -> list[dict[str,
                 "note": "NOT IN LEDGER: it bills, but abfleet has no record of creating it",
             }
         )
-    return rows
+    return Inventory(rows, list(blind.values()))
+
+
+def _ledger_row(rec: InstanceRecord, inst: Instance | None, run: Any) -> dict[str, Any]:
+    note = ""
+    if rec.state == "creating":
+        note = "create unresolved: run `abfleet list` again in a minute"
+    elif rec.state == "destroyed":
+        note = "destroyed"
+    elif inst is None:
+        note = "vanished: the provider no longer knows it (destroyed elsewhere?)"
+    return {
+        "id": rec.instance_id or f"(pending {rec.key})",
+        "provider": rec.provider,
+        "label": rec.label,
+        "gpu": f"{(inst.gpu_count if inst else rec.gpu_count) or ''}x {(inst.gpu_name if inst else rec.gpu_name) or ''}".strip(),
+        "state": inst.state if inst else ("destroyed" if rec.state == "destroyed" else "gone"),
+        "price_per_hour": inst.price_per_hour if inst else rec.price_per_hour,
+        "started_at": (inst.started_at if inst else None) or rec.created_at,
+        "run": run.name if run else None,
+        "run_state": run.state if run else None,
+        "in_ledger": True,
+        "note": note,
+    }
+
+
+def settle_open_creates(ledger: Ledger) -> None:
+    """Before a command picks an instance: creates that got no answer are settled by the
+    provider's list (a reachable provider only; `list` says when one is not)."""
+    for name in {r.provider for r in ledger.instances() if r.state == "creating"} & set(RENTED):
+        try:
+            settle_pending(ledger, name, get_provider(name).list())
+        except AbfleetError:
+            continue

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from abfleet.errors import UserError
+from abfleet.fleet.deploy import Box
 from abfleet.fleet.ledger import Ledger, RunRecord
-from abfleet.fleet.plan import Confirm, Say, prepare, requirements
-from abfleet.fleet.rent import create_fleet
+from abfleet.fleet.plan import Confirm, LaunchPlan, Say, prepare, requirements
+from abfleet.fleet.providers.base import Instance, Provider
+from abfleet.fleet.rent import Rental, create_fleet
 from abfleet.fleet.sizing import Plan
 from abfleet.fleet.submit import (
     BoxPlan,
@@ -40,10 +42,10 @@ def launch(
     confirm: Confirm | None,
     say: Say,
     show_plan: Callable[[Plan], None] | None = None,
+    keep_on_failure: bool = False,
 ) -> RunRecord:
     """Size, rent (or register), set up and start a job on one or several boxes."""
     from abfleet.core.pipeline import create_shared_study
-    from abfleet.fleet import headdb
     from abfleet.fleet.providers import get_provider
 
     if workers < 1 or instances < 1:
@@ -73,61 +75,85 @@ def launch(
     req = requirements(plan, disk_gb, max_price, workers=workers)
     run = new_run_name(job)
     pg_port = settings().vast.postgres_port
-    fleet = create_fleet(
-        provider,
-        ledger,
-        plan,
-        req,
-        run,
-        job.spec.search.n_trials,
-        yes,
-        confirm,
-        say,
-        instances,
-        (pg_port,) if head else (),
-    )
-    try:
-        boxes = []
-        for instance, remote in fleet:
-            box = setup(remote, say)
-            register(provider, ledger, instance, box)
-            boxes.append(box)
-        envs: list[dict[str, str]] = [{} for _ in fleet]
-        files: dict[str, Path] = {}
-        if head:
-            db = headdb.start(boxes[0], fleet[0][0], pg_port, local_run_dir(run), say)
-            create_shared_study(job, db.url_for_controller(), resume, prompts=lp.prompts)
-            envs = [
-                {
-                    "ABFLEET_STORAGE_URL": db.url_on_head(b.run_dir(run))
-                    if i == 0
-                    else db.url_elsewhere(b.run_dir(run))
-                }
-                for i, b in enumerate(boxes)
-            ]
-            files = {headdb.CERT_NAME: db.local_cert}
-        elif storage:
-            envs = [{"ABFLEET_STORAGE_URL": storage} for _ in fleet]
-        for i, ((instance, _), box) in enumerate(zip(fleet, boxes, strict=True)):
-            gpus = gpu_groups(workers, plan.gpu_count, instance.gpu_count)
-            bp = BoxPlan(
-                first_index=i * workers,
-                workers=workers,
-                gpus=gpus,
-                env=envs[i],
-                shared_study=bool(storage),
-                extra_files=files,
-            )
-            submit_box(box, lp, run, say, bp)
-    finally:
-        for _, remote in fleet:
-            remote.close()
-    return record_run(
-        ledger,
-        provider.name,
-        [inst.id for inst, _ in fleet],
-        boxes[0].run_dir(run),
-        job,
-        run,
-        workers * instances,
-    )
+    # From the first create on, a failure destroys what this command rented (or keeps it, and
+    # says so): a box never bills unseen.
+    with Rental(provider, ledger, keep_on_failure) as rental:
+        fleet = create_fleet(
+            provider,
+            ledger,
+            plan,
+            req,
+            run,
+            job.spec.search.n_trials,
+            yes,
+            confirm,
+            say,
+            rental,
+            instances,
+            (pg_port,) if head else (),
+        )
+        try:
+            boxes = _start_workers(lp, provider, ledger, fleet, run, workers, storage, resume, say)
+        finally:
+            for _, remote in fleet:
+                remote.close()
+        return record_run(
+            ledger,
+            provider.name,
+            [inst.id for inst, _ in fleet],
+            boxes[0].run_dir(run),
+            job,
+            run,
+            workers * instances,
+        )
+
+
+def _start_workers(
+    lp: LaunchPlan,
+    provider: Provider,
+    ledger: Ledger,
+    fleet: list[tuple[Instance, Any]],
+    run: str,
+    workers: int,
+    storage: str,
+    resume: bool,
+    say: Say,
+) -> list[Box]:
+    """Set up every box, start the head Postgres when asked, and start the workers."""
+    from abfleet.core.pipeline import create_shared_study
+    from abfleet.fleet import headdb
+
+    head = storage == HEAD_STORAGE
+    boxes = []
+    for instance, remote in fleet:
+        box = setup(remote, say)
+        register(provider, ledger, instance, box)
+        boxes.append(box)
+    envs: list[dict[str, str]] = [{} for _ in fleet]
+    files: dict[str, Path] = {}
+    if head:
+        pg_port = settings().vast.postgres_port
+        db = headdb.start(boxes[0], fleet[0][0], pg_port, local_run_dir(run), say)
+        create_shared_study(lp.job, db.url_for_controller(), resume, prompts=lp.prompts)
+        envs = [
+            {
+                "ABFLEET_STORAGE_URL": db.url_on_head(b.run_dir(run))
+                if i == 0
+                else db.url_elsewhere(b.run_dir(run))
+            }
+            for i, b in enumerate(boxes)
+        ]
+        files = {headdb.CERT_NAME: db.local_cert}
+    elif storage:
+        envs = [{"ABFLEET_STORAGE_URL": storage} for _ in fleet]
+    for i, ((instance, _), box) in enumerate(zip(fleet, boxes, strict=True)):
+        bp = BoxPlan(
+            first_index=i * workers,
+            workers=workers,
+            gpus=gpu_groups(workers, lp.sizing.gpu_count, instance.gpu_count),
+            env=envs[i],
+            shared_study=bool(storage),
+            extra_files=files,
+        )
+        submit_box(box, lp, run, say, bp)
+    return boxes

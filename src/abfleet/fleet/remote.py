@@ -100,6 +100,7 @@ class SshTarget:
     key_file: str | None = None
     connect_timeout: float = 20.0
     keepalive: int = 15
+    instance_id: str = ""  # the provider's id, for messages that name a command to run
 
     @property
     def label(self) -> str:
@@ -192,7 +193,7 @@ class SshRemote:
         return (
             f"SSH to {self.label} rejected your key ({names}): it is probably not attached to this "
             "instance. On Vast.ai add the public key to your account before creating, or run "
-            "`abfleet attach-key ID` for an existing instance"
+            f"`abfleet attach-key {self.target.instance_id or 'INSTANCE'}` for an existing instance"
         )
 
     def run(
@@ -297,5 +298,6 @@ def open_remote(
         key_file=key_file or (str(Path(ssh.key).expanduser()) if ssh.key else None),
         connect_timeout=timeout or ssh.connect_timeout_s,
         keepalive=ssh.keepalive_s,
+        instance_id=str(getattr(instance, "id", None) or instance.instance_id),
     )
     return SshRemote(target)

@@ -6,8 +6,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from abfleet.errors import AbfleetError, Declined, ProviderError, RemoteError, SshAuthError
-from abfleet.fleet.ledger import Ledger
+from abfleet.errors import (
+    AbfleetError,
+    CreateFailed,
+    Declined,
+    ProviderError,
+    RemoteError,
+    SshAuthError,
+    reason,
+)
+from abfleet.fleet.ledger import InstanceRecord, Ledger
 from abfleet.fleet.plan import Confirm, Say
 from abfleet.fleet.providers.base import (
     FAILED,
@@ -22,7 +30,63 @@ from abfleet.fleet.sizing import Plan
 from abfleet.resources import resource_path
 from abfleet.settings import settings
 
-UNRESOLVED_CREATE_S = 600  # a "creating" ledger row older than this with no instance is a failure
+# A "creating" row older than this whose label the provider does not list was never created.
+UNRESOLVED_CREATE_S = 30
+
+
+class Rental:
+    """The instances one command rents. If the command then fails (boot, SSH, setup, upload,
+    submit, Ctrl-C), they are destroyed, unless the user chose to keep them; either way the
+    error names each instance, its $/h and what was done, so nothing bills unseen."""
+
+    def __init__(self, provider: Provider, ledger: Ledger, keep: bool = False) -> None:
+        self.provider = provider
+        self.ledger = ledger
+        self.keep = keep
+        self.rates: dict[str, float | None] = {}  # instance id -> $/h
+
+    def add(self, instance_id: str, price_per_hour: float | None) -> None:
+        if self.provider.billable:
+            self.rates[instance_id] = price_per_hour
+
+    def drop(self, instance_id: str) -> None:
+        """Destroyed already (a box that failed to boot)."""
+        self.rates.pop(instance_id, None)
+
+    def __enter__(self) -> Rental:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or not self.rates:
+            return False
+        cause = "interrupted" if isinstance(exc, KeyboardInterrupt) else reason(exc)
+        if self.keep:
+            notes = [
+                f"instance {iid} is kept (--keep-on-failure) and bills {_rate(rate)}: "
+                f"destroy it with `abfleet destroy {iid}`"
+                for iid, rate in self.rates.items()
+            ]
+        else:
+            notes = [self._destroy(iid, rate) for iid, rate in self.rates.items()]
+        error = AbfleetError(f"{cause}; " + "; ".join(notes))
+        error.exit_code = (
+            130 if isinstance(exc, KeyboardInterrupt) else getattr(exc, "exit_code", 1)
+        )
+        raise error from exc
+
+    def _destroy(self, instance_id: str, rate: float | None) -> str:
+        try:
+            destroy_and_confirm(self.provider, self.ledger, instance_id)
+        except BaseException as exc:  # noqa: BLE001 - the user must hear of it, whatever it was
+            return (
+                f"instance {instance_id} ({_rate(rate)}) could NOT be destroyed ({reason(exc)}): "
+                f"it still bills; destroy it with `abfleet destroy {instance_id}`"
+            )
+        return f"instance {instance_id} that this command created was destroyed; nothing bills"
+
+
+def _rate(rate: float | None) -> str:
+    return f"{rate:.3f} $/h" if rate is not None else "an unknown $/h"
 
 
 def choose_offer(provider: Provider, req: Requirements) -> Offer:
@@ -58,35 +122,50 @@ def confirm_or_refuse(what: str, lines: list[str], yes: bool, confirm: Confirm |
         raise Declined(f"did not {what}: nothing was changed")
 
 
-def reconcile_pending(provider: Provider, ledger: Ledger, say: Say) -> None:
-    """Settle ledger rows whose create never got an answer before creating anything new."""
-    pending = [
-        r for r in ledger.instances() if r.provider == provider.name and r.state == "creating"
-    ]
-    if not pending:
-        return
-    live = {i.label: i for i in provider.list()}
-    for row in pending:
-        if row.label in live:
-            inst = live[row.label]
+def settle_pending(
+    ledger: Ledger, provider_name: str, live: list[Instance]
+) -> list[tuple[InstanceRecord, Instance | None]]:
+    """Ledger rows whose create got no answer, settled by the provider's list of instances:
+    adopted when an instance carries their label, failed when none does. Only a row younger
+    than a few seconds (a create another command has in flight) stays open."""
+    by_label = {i.label: i for i in live}
+    settled = []
+    for row in ledger.instances():
+        if row.provider != provider_name or row.state != "creating":
+            continue
+        inst = by_label.get(row.label)
+        if inst is not None:
             ledger.finish_create(row.key, inst.id)
+        elif time.time() - row.created_at > UNRESOLVED_CREATE_S:
+            ledger.fail_create(row.key, "the provider has no instance with this label")
+        else:
+            continue
+        settled.append((row, inst))
+    return settled
+
+
+def reconcile_pending(provider: Provider, ledger: Ledger, say: Say) -> None:
+    """Settle rows of earlier interrupted creates before creating anything new."""
+    if not any(r.provider == provider.name and r.state == "creating" for r in ledger.instances()):
+        return
+    for row, inst in settle_pending(ledger, provider.name, provider.list()):
+        if inst is not None:
             say(
                 f"found instance {inst.id} of an earlier, interrupted create ({row.label}); it is in the ledger now"
-            )
-        elif time.time() - row.created_at > UNRESOLVED_CREATE_S:
-            ledger.fail_create(row.key, "no instance with this label exists")
-        else:
-            raise AbfleetError(
-                f"an earlier create ({row.label}) is still unresolved: wait a minute and run `abfleet list`, "
-                "so that no second instance is created while the first may be booting"
             )
 
 
 def create(
-    provider: Provider, ledger: Ledger, offer: Offer, spec: CreateSpec, run: str | None
+    provider: Provider,
+    ledger: Ledger,
+    offer: Offer,
+    spec: CreateSpec,
+    run: str | None,
+    rental: Rental,
 ) -> Instance:
-    """Billable: the ledger row is written before the provider is asked. Owned machines have
-    nothing to create, so one already in the ledger is simply reused."""
+    """Billable: the ledger row is written before the provider is asked, and the instance
+    joins the rental as soon as it exists. Owned machines have nothing to create, so one
+    already in the ledger is simply reused."""
     if not provider.billable:
         found = provider.create(offer, spec)
         existing = ledger.instance(provider.name, found.id)
@@ -103,7 +182,16 @@ def create(
     key = ledger.begin_create(provider.name, spec.label, run, offer_data)
     try:
         instance = provider.create(offer, spec)
+    except CreateFailed as exc:
+        if exc.instance_id:
+            # Made but unusable (e.g. created stopped): it bills, so it is ours to destroy.
+            ledger.finish_create(key, exc.instance_id, note=reason(exc)[:200])
+            rental.add(exc.instance_id, offer.price_per_hour)
+        else:
+            ledger.fail_create(key, reason(exc)[:200])
+        raise
     except BaseException as exc:
+        # No answer: the row stays "creating" until the provider's list settles it.
         ledger.update(key, note=f"create raised {type(exc).__name__}: {str(exc)[:200]}")
         raise
     ledger.finish_create(
@@ -113,6 +201,7 @@ def create(
         ssh_port=instance.ssh_port,
         ssh_user=instance.ssh_user,
     )
+    rental.add(instance.id, offer.price_per_hour)
     return instance
 
 
@@ -190,10 +279,13 @@ def create_and_wait(
     yes: bool,
     confirm: Confirm | None,
     say: Say,
+    rental: Rental,
     ports: tuple[int, ...] = (),
 ) -> tuple[Instance, Any]:
     """One instance: create_fleet of one."""
-    return create_fleet(provider, ledger, plan, req, run, n_trials, yes, confirm, say, 1, ports)[0]
+    return create_fleet(
+        provider, ledger, plan, req, run, n_trials, yes, confirm, say, rental, 1, ports
+    )[0]
 
 
 def create_fleet(
@@ -206,14 +298,16 @@ def create_fleet(
     yes: bool,
     confirm: Confirm | None,
     say: Say,
+    rental: Rental,
     count: int = 1,
     head_ports: tuple[int, ...] = (),
 ) -> list[tuple[Instance, Any]]:
     """Create `count` instances on distinct machines after one confirmation, then wait for each.
 
-    Every create is in the ledger before the provider answers; a box that fails to boot is
-    destroyed, confirmed gone, and replaced once on a machine not used yet. head_ports are
-    exposed on the first instance (Postgres for a shared study).
+    Every create is in the ledger before the provider answers, and in the rental (destroyed if
+    the command fails later); a box that fails to boot is destroyed, confirmed gone, and
+    replaced once on a machine not used yet. head_ports are exposed on the first instance
+    (Postgres for a shared study).
     """
     reconcile_pending(provider, ledger, say)
     offers = _distinct_machines(provider.offers(req), count)
@@ -241,20 +335,21 @@ def create_fleet(
             f"create this {what}" if count == 1 else f"create these {what}", lines, yes, confirm
         )
     used = {o.machine_id for o in offers if o.machine_id is not None}
-    created: list[tuple[Instance, CreateSpec]] = []
+    created: list[tuple[Instance, CreateSpec, Offer]] = []
     for i, offer in enumerate(offers):
         spec = _spec(run, req, i, count, head_ports if i == 0 else ())
-        instance = create(provider, ledger, offer, spec, run)
+        instance = create(provider, ledger, offer, spec, run, rental)
         say(f"created instance {instance.id} ({spec.label}); waiting for it to boot")
-        created.append((instance, spec))
+        created.append((instance, spec, offer))
     ready = []
-    for instance, spec in created:
+    for instance, spec, confirmed in created:
         try:
             ready.append(wait_ready(provider, instance.id, say))
             continue
         except BootFailed as exc:
             say(f"{exc}; destroying it")
             destroy_and_confirm(provider, ledger, instance.id)
+            rental.drop(instance.id)
             if exc.instance.machine_id:
                 used.add(exc.instance.machine_id)
         retry = Requirements(
@@ -266,10 +361,36 @@ def create_fleet(
             tuple(sorted(used)),
         )
         offer = choose_offer(provider, retry)
+        if provider.billable and offer.price_per_hour > confirmed.price_per_hour + 1e-9:
+            _ask_for_dearer(provider, offer, confirmed, retry, plan, n_trials, confirm, say)
         say(f"trying another machine once: offer {offer.id} at {offer.price_per_hour:.3f} $/h")
-        replacement = create(provider, ledger, offer, spec, run)
+        replacement = create(provider, ledger, offer, spec, run, rental)
         ready.append(wait_ready(provider, replacement.id, say))
     return ready
+
+
+def _ask_for_dearer(
+    provider: Provider,
+    offer: Offer,
+    confirmed: Offer,
+    req: Requirements,
+    plan: Plan,
+    n_trials: int,
+    confirm: Confirm | None,
+    say: Say,
+) -> None:
+    """A replacement costs more than the user agreed to: it is rented only after asking again
+    (--yes agreed to the price shown, not to a higher one)."""
+    rise = f"{offer.price_per_hour:.3f} $/h instead of the {confirmed.price_per_hour:.3f} $/h you confirmed"
+    if confirm is None:
+        raise ProviderError(
+            f"the next machine costs {rise}: not renting it without asking "
+            "(run the command in a terminal to be asked)"
+        )
+    for line in describe_offer(provider, offer, req, plan, n_trials):
+        say(line)
+    if not confirm(f"rent this replacement at {rise}?"):
+        raise Declined("did not rent a replacement at the higher price")
 
 
 def _distinct_machines(offers: list[Offer], count: int) -> list[Offer]:

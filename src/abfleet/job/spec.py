@@ -381,10 +381,16 @@ def bundle(job: Job, dest: Path, model: str | None = None, output_dir: str = "")
     """
     import tomli_w
 
+    from abfleet.job.storage import has_password
+
     dest.mkdir(parents=True, exist_ok=True)
     data = job.to_toml_dict()
     if model is not None:
         data["model"] = model
+    if has_password(job.spec.search.storage):
+        # A password goes in no file but a box's 0600 env file: the copy says `env`, and whoever
+        # runs it hands the URL over in ABFLEET_STORAGE_URL.
+        data["search"]["storage"] = ENV_STORAGE
     for key, source in job.prompt_sources().items():
         if isinstance(source, DatasetSource):
             continue

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from abfleet.errors import AbfleetError
+from abfleet.errors import AbfleetError, reason
 from abfleet.fleet.ledger import Ledger
 from abfleet.fleet.providers import connect_record
 from abfleet.fleet.providers.base import Provider
@@ -106,7 +106,7 @@ def fetch_model(
         finally:
             view.close()
     except AbfleetError as exc:
-        warn(f"the study backup failed ({exc}); run `abfleet backup` before destroying")
+        warn(f"the study backup failed ({reason(exc)}); run `abfleet backup` before destroying")
     return result
 
 
@@ -120,6 +120,6 @@ def destroy_instance(ledger: Ledger, target: Target, provider: Provider, warn: W
     try:
         provider.stop(iid)  # on a machine of the user's: stops abfleet's workers there
     except AbfleetError as exc:
-        warn(f"could not stop its workers ({exc})")
+        warn(f"could not stop its workers ({reason(exc)})")
     ledger.mark_destroyed(provider.name, iid)
     return f"destroyed instance {iid} (forgotten: abfleet does not own this machine)"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from abfleet.errors import AbfleetError, UserError
+from abfleet.errors import AbfleetError, UserError, reason
 from abfleet.fleet.ledger import Ledger
 from abfleet.ops.monitor import RunView, Target, backup_is_fresh
 from abfleet.render import fmt_duration
@@ -59,7 +59,7 @@ def assess(
             inst = provider.get(rec.instance_id or "")
             live = inst.state if inst else "gone"
         except AbfleetError as exc:
-            live = f"unknown ({exc})"
+            live = f"unknown ({reason(exc)})"
     verified = bool(run and run.verified)
     fresh, note = (
         (True, "no run on this instance")

@@ -16,7 +16,7 @@ from typing import Any
 from abfleet.errors import UserError
 from abfleet.fleet.ledger import Ledger
 from abfleet.fleet.plan import prepare, requirements
-from abfleet.fleet.rent import create_and_wait
+from abfleet.fleet.rent import Rental, create_and_wait
 from abfleet.fleet.submit import register, setup, submit
 from abfleet.ops.monitor import BACKUP_FILE, read_backup_meta
 
@@ -50,6 +50,7 @@ def resume(
     max_price: float | None,
     confirm: Callable[[str], bool] | None,
     say: Callable[[str], None],
+    keep_on_failure: bool = False,
 ) -> None:
     study, job_file, meta = _sources(ledger, run_name)
     say(
@@ -67,32 +68,34 @@ def resume(
     provider = get_provider(provider_name, host)
     req = requirements(prepared.sizing, None, max_price)
     new_run = f"{run_name}-r{time.strftime('%H%M%S')}"
-    instance, remote = create_and_wait(
-        provider,
-        ledger,
-        prepared.sizing,
-        req,
-        new_run,
-        prepared.job.spec.search.n_trials,
-        yes,
-        confirm,
-        say,
-    )
-    try:
-        box = setup(remote, say)
-        register(provider, ledger, instance, box)
-        submit(
-            provider.name,
-            instance.id,
-            box,
-            prepared,
-            new_run,
+    with Rental(provider, ledger, keep_on_failure) as rental:
+        instance, remote = create_and_wait(
+            provider,
             ledger,
+            prepared.sizing,
+            req,
+            new_run,
+            prepared.job.spec.search.n_trials,
+            yes,
+            confirm,
             say,
-            study_file=study,
+            rental,
         )
-    finally:
-        remote.close()
+        try:
+            box = setup(remote, say)
+            register(provider, ledger, instance, box)
+            submit(
+                provider.name,
+                instance.id,
+                box,
+                prepared,
+                new_run,
+                ledger,
+                say,
+                study_file=study,
+            )
+        finally:
+            remote.close()
     say(
         f"run {new_run} continues {run_name} on instance {instance.id}: `abfleet watch {instance.id}`"
     )

@@ -19,6 +19,7 @@ from typing import Any
 from abfleet.errors import UserError
 from abfleet.job.source import resolve_source
 from abfleet.job.spec import HEAD_STORAGE, Job, bundle, check_output_dir, load_job
+from abfleet.job.storage import has_password
 from abfleet.worker.rundir import RunDir
 
 
@@ -53,6 +54,10 @@ def prepare(job_arg: str | None, flags: dict[str, Any]) -> LocalRun:
     job = load_job(job_arg, flags)
     validate(job)
     out = job.output_dir()
+    if has_password(job.spec.search.storage):
+        # The run folder's job says `env` (see bundle): this process and its secondary workers
+        # read the URL from their environment, never from a file.
+        os.environ["ABFLEET_STORAGE_URL"] = job.spec.search.storage
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:

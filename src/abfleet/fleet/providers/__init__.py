@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 from abfleet.errors import UserError
@@ -29,18 +27,6 @@ def get_provider(name: str, host: str | None = None) -> Provider:
 
         return LocalProvider()
     raise UserError(f"unknown provider {name!r}: use one of {', '.join(NAMES)}")
-
-
-def has_account(name: str) -> bool:
-    """Credentials for a rented provider are set up here (without asking its API)."""
-    if name != "vast":
-        return False
-    if os.environ.get("VAST_API_KEY"):
-        return True
-    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return (config / "vastai" / "vast_api_key").is_file() or (
-        Path.home() / ".vast_api_key"
-    ).is_file()
 
 
 def connect_record(record: Any, timeout: float | None = None) -> Remote:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import requests
 
-from abfleet.errors import ProviderError, UserError
+from abfleet.errors import CreateFailed, ProviderError, UserError
 from abfleet.fleet.providers.base import (
     FAILED,
     PENDING,
@@ -81,7 +81,9 @@ class VastProvider:
                     time.sleep(wait)
                     delay *= 2
                     continue
-                raise _http_error(what, status, body) from exc
+                error = _http_error(what, status, body, attempt)
+                error.retry_after = _retry_after(exc)  # type: ignore[attr-defined]
+                raise error from exc
             except (requests.ConnectionError, requests.Timeout) as exc:
                 if retry and attempt < self.attempts:
                     log.warning(
@@ -196,29 +198,55 @@ class VastProvider:
                 direct=True,
             )
 
-        try:
-            answer = self._call(f"creating an instance from offer {offer.id}", call, retry=False)
-        except ProviderError:
-            # The request may have reached Vast even though the answer did not reach us.
-            found = [i for i in self.list() if i.label == spec.label]
-            if len(found) == 1:
-                log.warning(
-                    "the create answer was lost, but instance %s with label %s exists",
-                    found[0].id,
-                    spec.label,
-                )
-                return found[0]
-            raise
-        if (
-            not isinstance(answer, dict)
-            or not answer.get("success")
-            or "new_contract" not in answer
-        ):
+        what = f"creating an instance from offer {offer.id}"
+        delay = self.backoff
+        for attempt in range(1, self.attempts + 1):
+            try:
+                answer = self._call(what, call, retry=False)
+                break
+            except ProviderError as exc:
+                # The request may have reached Vast even when the answer did not reach us, or
+                # was an error: the label says at once whether an instance exists.
+                found = self._labelled(spec.label)
+                if found is not None:
+                    log.warning("create of %s: %s; instance %s exists", spec.label, exc, found.id)
+                    return found
+                if getattr(exc, "status", None) == 429 and attempt < self.attempts:
+                    wait = getattr(exc, "retry_after", None) or delay
+                    log.warning(
+                        "Vast.ai answered 429 to %s; nothing was created; retrying in %.1fs",
+                        what,
+                        wait,
+                    )
+                    time.sleep(wait)
+                    delay *= 2
+                    continue
+                if getattr(exc, "status", None) is None:
+                    raise  # no answer at all: the ledger row stays open until the list settles it
+                raise CreateFailed(
+                    f"{exc}; no instance labelled {spec.label} exists, so nothing bills"
+                ) from exc
+        if not isinstance(answer, dict) or "new_contract" not in answer:
             raise ProviderError(
-                f"Vast.ai did not create an instance from offer {offer.id}: {answer!r:.200}"
+                f"Vast.ai answered the create of offer {offer.id} without an instance id: "
+                f"{sorted(answer) if isinstance(answer, dict) else type(answer).__name__}"
             )
-        instance = self.get(str(answer["new_contract"]))
-        return instance or Instance(str(answer["new_contract"]), self.name, spec.label, PENDING)
+        iid = str(answer["new_contract"])
+        if not answer.get("success"):
+            # Vast made the instance but could not start it ("created stopped, resources
+            # unavailable"): it bills for its disk. Never echo the answer: it holds the
+            # instance's own API key.
+            reason = answer.get("msg") or answer.get("error") or "no reason given"
+            raise CreateFailed(
+                f"Vast.ai created instance {iid} from offer {offer.id} but did not start it ({reason})",
+                instance_id=iid,
+            )
+        instance = self.get(iid)
+        return instance or Instance(iid, self.name, spec.label, PENDING)
+
+    def _labelled(self, label: str) -> Instance | None:
+        found = [i for i in self.list() if i.label == label]
+        return found[0] if len(found) == 1 else None
 
     def get(self, instance_id: str) -> Instance | None:
         row = self._call(
@@ -372,7 +400,13 @@ def _retry_after(exc: requests.HTTPError) -> float | None:
         return None
 
 
-def _http_error(what: str, status: int, body: dict[str, Any]) -> ProviderError:
+def _http_error(what: str, status: int, body: dict[str, Any], attempts: int = 1) -> ProviderError:
+    error = _http_error_text(what, status, body, attempts)
+    error.status = status  # type: ignore[attr-defined]
+    return error
+
+
+def _http_error_text(what: str, status: int, body: dict[str, Any], attempts: int) -> ProviderError:
     error = str(body.get("error") or "")
     msg = str(body.get("msg") or body.get("message") or "")
     if error == "auth_error" or status in (401, 403):
@@ -385,9 +419,10 @@ def _http_error(what: str, status: int, body: dict[str, Any]) -> ProviderError:
             f"Vast.ai answered 410 Gone to {what} ({error or 'endpoint retired'}): this API call no longer "
             "exists; upgrade the vastai package. Nothing is assumed about your instances."
         )
+    detail = f" ({error or msg})" if error or msg else ""
+    if status in RETRYABLE and attempts > 1:
+        return ProviderError(f"Vast.ai kept answering {status} to {what}; try again later{detail}")
     if status in RETRYABLE:
-        return ProviderError(
-            f"Vast.ai kept answering {status} to {what}; try again later ({error or msg})"
-        )
+        return ProviderError(f"Vast.ai answered {status} to {what}{detail}")
     detail = " ".join(x for x in (error, msg) if x) or f"HTTP {status}"
     return ProviderError(f"Vast.ai refused {what}: {detail}")
