@@ -25,6 +25,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 API_KEY = "fake-vast-key-0123456789"
+HOURS_PER_MONTH = 720  # storage_cost is $/GB/month; Vast prices the allocated disk by the hour
+DEFAULT_STORAGE_GB = 5.0  # what a search prices when it names no allocated_storage (the SDK's)
 
 
 def make_offer(
@@ -36,6 +38,8 @@ def make_offer(
     disk: float = 500.0,
     **extra: Any,
 ) -> dict[str, Any]:
+    """price: dph_total as a search with the default 5 GB of storage shows it."""
+    storage_cost = 0.15
     offer = {
         "id": offer_id,
         "ask_contract_id": offer_id,
@@ -54,10 +58,10 @@ def make_offer(
         "inet_up": 800.0,
         "inet_down": 900.0,
         "direct_port_count": 20,
-        "dph_base": round(price * 0.9, 4),
+        "dph_base": price - storage_cost * DEFAULT_STORAGE_GB / HOURS_PER_MONTH,
         "dph_total": price,
         "min_bid": round(price * 0.5, 4),
-        "storage_cost": 0.15,
+        "storage_cost": storage_cost,
         "reliability": 0.995,
         "reliability2": 0.995,
         "dlperf": 50.0,
@@ -115,6 +119,10 @@ class FakeVast:
         # The next N creates make the instance but cannot start it: Vast answers
         # {"success": false, "new_contract": N, ...} and the instance stays, stopped, billing.
         self.start_failures = 0
+        # As on Vast: a box accepts only SSH keys on the account when it was created, or
+        # attached to it through the API (the test key handed to boxes otherwise is not used).
+        self.api_keys_only = False
+        self.account_keys: list[str] = []
         self.lock = threading.RLock()
         self._next_id = 5_000_000
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -147,6 +155,11 @@ class FakeVast:
             body = {"success": False, "error": "fault"}
         self.faults.append(Fault(method, path, status, body, times, headers or {}, after))
 
+    @staticmethod
+    def price(offer: dict[str, Any], storage_gb: float) -> float:
+        """$/h of an offer with storage_gb of disk: the base plus the disk's share of storage."""
+        return offer["dph_base"] + offer["storage_cost"] * storage_gb / HOURS_PER_MONTH
+
     def calls(self, method: str, path_regex: str) -> list[Any]:
         return [b for m, p, b in self.requests if m == method and re.search(path_regex, p)]
 
@@ -178,6 +191,7 @@ class FakeVast:
             box = self.box_factory(inst["id"])
             self.boxes[inst["id"]] = box
             port = box.port
+            self._authorize(inst)
         inst.update(
             actual_status="running",
             status_msg="success, running",
@@ -186,6 +200,11 @@ class FakeVast:
             public_ipaddr="127.0.0.1",
             ports={"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(port)}], **inst["_exposed"]},
         )
+
+    def _authorize(self, inst: dict[str, Any]) -> None:
+        box = self.boxes.get(inst["id"])
+        if self.api_keys_only and box is not None:
+            (box.directory / "authorized_keys").write_text("".join(k + "\n" for k in inst["_keys"]))
 
     def _row(self, inst: dict[str, Any]) -> dict[str, Any]:
         self._advance(inst)
@@ -289,18 +308,24 @@ class FakeVast:
                 return self._change(inst, body or {})
         m = re.fullmatch(r"/api/v0/instances/(\d+)/ssh/", path)
         if m and method == "POST":
-            return (
-                (200, {"success": True})
-                if int(m[1]) in self.instances
-                else (404, {"success": False, "error": "no_such_instance"})
-            )
+            inst = self.instances.get(int(m[1]))
+            if inst is None:
+                return 404, {"success": False, "error": "no_such_instance"}
+            inst["_keys"].append((body or {})["ssh_key"])
+            self._authorize(inst)
+            return 200, {"success": True}
+        if path == "/api/v0/ssh/" and method == "POST":
+            self.account_keys.append((body or {})["ssh_key"])
+            return 200, {"success": True, "key": {"id": len(self.account_keys)}}
         return 404, {"success": False, "error": "not_found", "msg": f"{method} {path}"}
 
     def _search(self, q: dict[str, Any]) -> list[dict[str, Any]]:
         control = {"order", "type", "limit", "allocated_storage", "disable_bundling"}
+        storage = float(q.get("allocated_storage") or DEFAULT_STORAGE_GB)
+        priced = [{**o, "dph_total": round(self.price(o, storage), 6)} for o in self.offers]
         out = [
             o
-            for o in self.offers
+            for o in priced
             if all(_match(o.get(k), ops) for k, ops in q.items() if k not in control)
         ]
         for field_name, direction in reversed(q.get("order") or []):
@@ -355,11 +380,12 @@ class FakeVast:
             "onstart": body["onstart"],
             "image_uuid": body["image"],
             "start_date": time.time(),
-            "dph_total": offer["dph_total"],
+            "dph_total": round(self.price(offer, float(body["disk"])), 6),
             "reliability2": offer["reliability2"],
             "geolocation": offer["geolocation"],
             "_created": time.time(),
             "_fail_boot": fail,
+            "_keys": list(self.account_keys),
         }
         # The real answer carries the instance's own API key: it must never be shown.
         answer = {"new_contract": iid, "instance_api_key": f"instance-secret-{iid}"}

@@ -19,7 +19,7 @@ import pytest
 from abfleet.fleet.ledger import Ledger
 from conftest import write_job
 from sshbox import SshBox, free_port, make_keypair
-from test_launch import abfleet
+from test_launch import abfleet, wait_for_state
 
 
 @pytest.fixture
@@ -224,3 +224,120 @@ def test_ctrl_c_after_the_create_destroys_the_box(fake_vast, boxes, tiny_job):
     assert fake_vast.instances == {}
     err = " ".join(err.split())
     assert "interrupted" in err and f"instance {iid} that this command created was destroyed" in err
+
+
+def test_watch_status_and_workers_say_what_happened_to_a_finished_then_lost_box(
+    fake_vast, boxes, tiny_job
+):
+    assert abfleet("launch", str(tiny_job), "--yes").returncode == 0
+    [box] = boxes.made
+    assert wait_for_state(box.root)["state"] == "done"
+    [iid] = [str(i) for i in fake_vast.instances]
+    assert abfleet("backup", iid).returncode == 0
+    shown = abfleet("watch", iid, "--once", "--no-backup")
+    assert shown.returncode == 0, shown.stderr
+    assert "done" in shown.stdout and "dead" not in shown.stdout  # a worker that finished
+
+    box.kill()  # the box stops answering
+    lost = abfleet("watch", iid, "--once", "--no-backup")
+    assert lost.returncode == 1 and "the box did not answer" in lost.stderr
+
+    assert abfleet("stop", iid, "--yes", "--force").returncode == 0
+    status = abfleet("status", iid)
+    assert status.returncode == 0, status.stderr
+    [run] = Ledger().runs()
+    text = " ".join(status.stdout.split())
+    assert "the box is stopped" in text and f"`abfleet resume {run.name}`" in text
+
+
+def test_after_resume_the_old_box_is_offered_for_destroy_and_no_longer_blocked(
+    fake_vast, boxes, tiny_job, tmp_path
+):
+    assert abfleet("launch", str(tiny_job), "--yes").returncode == 0
+    first = boxes.made[0]
+    assert wait_for_state(first.root)["state"] == "done"
+    [old] = [str(i) for i in fake_vast.instances]
+    [run] = Ledger().runs()
+    assert abfleet("backup", old).returncode == 0
+    assert abfleet("stop", old, "--yes", "--force").returncode == 0  # preempted, say
+
+    resumed = abfleet("resume", run.name, "--trials", "3", "--yes")
+    assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+    out = " ".join(resumed.stdout.split())
+    assert f"instance {old}, the old box of {run.name}, still bills" in out
+    assert f"`abfleet destroy {old}`" in out
+    [new] = [str(i) for i in fake_vast.instances if str(i) != old]
+    assert Ledger().run(run.name).continued_by is not None
+
+    early = abfleet("destroy", old, "--yes")
+    assert early.returncode == 2 and "not downloaded" in early.stderr  # nothing came home yet
+
+    assert wait_for_state(boxes.made[-1].root)["state"] == "done"
+    got = abfleet("download", new, "--to", str(tmp_path / "model"))
+    assert got.returncode == 0, got.stderr
+    gone = abfleet("destroy", old, "--yes")
+    assert gone.returncode == 0, gone.stderr + gone.stdout
+    assert "continued as run" in gone.stdout
+    assert [str(i) for i in fake_vast.instances] == [new]
+
+
+def test_the_price_confirmed_is_the_price_the_instance_bills(fake_vast, boxes, tiny_job):
+    """Vast prices an offer's storage for the disk a search names; abfleet names the disk it
+    rents, so the $/h it shows is what the instance then costs."""
+    proc = abfleet("launch", str(tiny_job), "--yes", "--disk", "200")
+    assert proc.returncode == 0, proc.stderr
+    [inst] = fake_vast.instances.values()
+    shown = " ".join(proc.stdout.split())
+    assert inst["disk_space"] == 200.0
+    assert f"disk 200 GB, {inst['dph_total']:.3f} $/h" in shown
+    assert inst["dph_total"] > fake_vast.offers[0]["dph_total"] + 0.03  # 200 GB is not 5 GB
+
+
+def test_the_users_key_reaches_a_box_that_accepts_only_keys_given_through_the_api(
+    fake_vast, boxes, tiny_job, ssh_key
+):
+    fake_vast.api_keys_only = True  # the key handed to the box's sshd is not enough, as on Vast
+    proc = abfleet("launch", str(tiny_job), "--yes")
+    assert proc.returncode == 0, proc.stderr
+    ours = " ".join(Path(f"{ssh_key}.pub").read_text().split()[:2])
+    assert [c["ssh_key"] for c in fake_vast.calls("POST", r"/api/v0/instances/\d+/ssh/")] == [ours]
+    [box] = boxes.made
+    assert (box.directory / "authorized_keys").read_text().split("\n")[:1] == [ours]
+
+
+def test_in_that_mode_a_box_given_no_key_refuses_us(fake_vast, boxes):
+    """The control for the test above: without the API call, the box takes no key."""
+    from abfleet.fleet.providers.base import CreateSpec, Requirements
+    from abfleet.fleet.providers.vast import VastProvider
+    from abfleet.settings import settings
+
+    fake_vast.api_keys_only = True
+    vast = VastProvider(settings().vast, backoff=0.01)
+    inst = vast.create(
+        vast.offers(Requirements("RTX_3090", 1, 20, 30))[0], CreateSpec("abfleet:nokey", "img", 30)
+    )
+    deadline = time.monotonic() + 30
+    while not vast.get(inst.id).ssh_ready and time.monotonic() < deadline:
+        time.sleep(0.2)
+    [box] = boxes.made
+    assert (box.directory / "authorized_keys").read_text() == ""
+    proc = subprocess.run(
+        [
+            "ssh",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-i",
+            str(box.authorized_key),
+            "-p",
+            str(box.port),
+            "root@127.0.0.1",
+            "true",
+        ],
+        capture_output=True,
+        timeout=30,
+    )
+    assert proc.returncode != 0

@@ -255,4 +255,6 @@ def test_unknown_instance_id_and_bad_vast_key(fake_vast, tiny_model_dir):
     proc = abfleet("offers", str(tiny_model_dir), "--max-price", "0.05")
     assert proc.returncode == 1 and "dph_total<=0.05" in proc.stderr
     proc = abfleet("offers", str(tiny_model_dir))
-    assert proc.returncode == 0 and "0.210" in proc.stdout
+    disk = fake_vast.calls("POST", "/api/v0/bundles/")[-1]["allocated_storage"]
+    price = fake_vast.price(fake_vast.offers[0], disk)
+    assert proc.returncode == 0 and f"{price:.3f}" in proc.stdout

@@ -183,3 +183,35 @@ def test_size_command_text_output_explains_every_figure(tiny_model_dir):
     assert proc.returncode == 0, proc.stderr
     for word in ("parameters", "weights", "disk", "GPU memory", "GPU", "rounded up"):
         assert word in proc.stdout
+
+
+def test_a_chosen_gpu_is_used_when_it_holds_the_model_and_refused_with_the_reason_otherwise():
+    from abfleet.errors import UserError
+    from abfleet.fleet.sizing import with_gpu
+
+    p70 = plan(shape_from_config(LLAMA_31_70B), "llama-70b")
+    four = with_gpu(p70, "H200x4")
+    assert (four.gpu, four.gpu_count) == ("H200", 4)
+    assert four.reasons[-1] == "GPU: 4x H200, as chosen with --gpu"
+    fewest = with_gpu(p70, "h200")  # no count: the fewest that hold it
+    assert (fewest.gpu, fewest.gpu_count, fewest.reset_copy) == ("H200", 2, "device")
+    with pytest.raises(
+        UserError, match=r"1x H200 holds 127 GB usable, but this model needs 157 GB"
+    ):
+        with_gpu(p70, "H200x1")
+    with pytest.raises(UserError, match=r"1x RTX_4090 holds \d+ GB usable, but this model needs"):
+        with_gpu(p70, "RTX_4090x1")
+    with pytest.raises(UserError, match="unknown GPU type 'B9000'"):
+        with_gpu(p70, "B9000")
+    with pytest.raises(UserError, match="boxes come with"):
+        with_gpu(p70, "H200x3")
+
+
+def test_offers_search_the_chosen_gpu_type(fake_vast, tiny_model_dir):
+    from test_launch import abfleet
+
+    chosen = abfleet("offers", str(tiny_model_dir), "--gpu", "RTX_4090", "--json")
+    assert chosen.returncode == 0, chosen.stderr
+    assert {o["gpu_name"] for o in json.loads(chosen.stdout)} == {"RTX 4090"}
+    default = abfleet("offers", str(tiny_model_dir), "--json")
+    assert {o["gpu_name"] for o in json.loads(default.stdout)} != {"RTX 4090"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from abfleet.errors import AbfleetError, ProviderError
@@ -36,8 +38,14 @@ def spec(label="abfleet:test"):
 def test_offers_are_cheapest_first_in_the_units_vast_wants(vast, fake_vast):
     offers = vast.offers(req())
     assert [o.id for o in offers] == ["101", "102"]  # 106 is cheaper but not verified
-    assert offers[0].gpu_memory_gb == 24.0 and offers[0].price_per_hour == 0.21
+    assert offers[0].gpu_memory_gb == 24.0
     sent = fake_vast.calls("POST", "/api/v0/bundles/")[-1]
+    # Priced with the 30 GB disk that will be rented, not the SDK's default 5 GB.
+    assert sent["allocated_storage"] == 30
+    assert offers[0].price_per_hour == pytest.approx(
+        fake_vast.price(fake_vast.offers[0], 30), abs=1e-6
+    )
+    assert offers[0].price_per_hour > fake_vast.offers[0]["dph_total"]
     assert sent["gpu_ram"] == {"gte": 22800.0}  # GB in the query, MB on the wire (the SDK's job)
     assert sent["disk_space"] == {"gte": "30"} and sent["order"] == [["dph_total", "asc"]]
     assert sent["verified"] == {"eq": True}
@@ -130,7 +138,7 @@ def test_destroying_a_missing_instance_counts_as_done(vast, fake_vast):
 
 def test_boot_failure_is_destroyed_and_replaced_once_on_another_machine(vast, fake_vast):
     fake_vast.boot_failures = 1
-    fake_vast.offers[1]["dph_total"] = fake_vast.offers[0]["dph_total"]  # same price as agreed
+    fake_vast.offers[1]["dph_base"] = fake_vast.offers[0]["dph_base"]  # same price as agreed
     ledger = Ledger()
     plan_like = type("P", (), {"hours_for": lambda self, n: 1.0})()
     messages = []
@@ -159,7 +167,7 @@ def test_boot_failure_is_destroyed_and_replaced_once_on_another_machine(vast, fa
 
 
 def _dearer_launch(vast, fake_vast, confirm):
-    """The first machine (0.21 $/h, confirmed) fails to boot; the next one costs 0.24 $/h."""
+    """The first machine (confirmed) fails to boot; the next one costs more."""
     fake_vast.boot_failures = 1
     ledger = Ledger()
     plan_like = type("P", (), {"hours_for": lambda self, n: 1.0})()
@@ -172,8 +180,13 @@ def _dearer_launch(vast, fake_vast, confirm):
     return inst
 
 
+def _rise(fake_vast) -> str:
+    first, second = (fake_vast.price(o, 30) for o in fake_vast.offers[:2])
+    return re.escape(f"{second:.3f} $/h instead of the {first:.3f} $/h you confirmed")
+
+
 def test_a_dearer_replacement_is_not_rented_without_asking(vast, fake_vast):
-    with pytest.raises(AbfleetError, match=r"0\.240 \$/h instead of the 0\.210 \$/h you confirmed"):
+    with pytest.raises(AbfleetError, match=_rise(fake_vast)):
         _dearer_launch(vast, fake_vast, confirm=None)
     assert fake_vast.instances == {}
     assert len(fake_vast.calls("PUT", r"/api/v0/asks/")) == 1
@@ -182,5 +195,5 @@ def test_a_dearer_replacement_is_not_rented_without_asking(vast, fake_vast):
 def test_a_dearer_replacement_is_rented_once_the_user_says_yes_again(vast, fake_vast):
     asked = []
     inst = _dearer_launch(vast, fake_vast, confirm=lambda q: asked.append(q) or True)
-    assert any("0.240 $/h instead of the 0.210 $/h" in q for q in asked)
+    assert any(re.search(_rise(fake_vast), q) for q in asked)
     assert list(fake_vast.instances) == [int(inst.id)]

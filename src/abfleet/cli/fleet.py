@@ -69,6 +69,11 @@ keep_option = click.option(
     is_flag=True,
     help="If a step after the create fails, keep the instance (it bills) instead of destroying it.",
 )
+gpu_option = click.option(
+    "--gpu",
+    help="GPU type to rent instead of the sizer's pick, as TYPE or TYPExN (e.g. A100_SXM4x2); "
+    "refused if it cannot hold the model.",
+)
 
 
 @click.command("offers")
@@ -77,13 +82,20 @@ keep_option = click.option(
 @click.option("--max-price", type=float, help="Highest $/h to show.")
 @click.option("--disk", "disk_gb", type=int, help="Disk in GB (default: from sizing).")
 @click.option("--json", "as_json", is_flag=True)
+@gpu_option
 def offers_cmd(
-    model: str, job_arg: str | None, max_price: float | None, disk_gb: int | None, as_json: bool
+    model: str,
+    job_arg: str | None,
+    max_price: float | None,
+    disk_gb: int | None,
+    as_json: bool,
+    gpu: str | None,
 ) -> None:
     """Vast.ai offers that fit MODEL, cheapest first."""
-    from abfleet.fleet.sizing import plan_for
+    from abfleet.fleet.sizing import plan_for, with_gpu
 
     plan = plan_for(model, job_arg)
+    plan = with_gpu(plan, gpu) if gpu else plan
     req = requirements(plan, disk_gb, max_price)
     offers = get_provider("vast").offers(req)
     if as_json:
@@ -132,6 +144,7 @@ def offers_cmd(
     "--resume", is_flag=True, help="Continue a shared study made by a different job spec."
 )
 @keep_option
+@gpu_option
 @click.pass_context
 def launch_cmd(
     ctx: click.Context,
@@ -145,6 +158,7 @@ def launch_cmd(
     instances: int,
     resume: bool,
     keep_on_failure: bool,
+    gpu: str | None,
     **kwargs: Any,
 ) -> None:
     """Size, rent, set up and start JOB on a box (or several), in one go.
@@ -167,6 +181,7 @@ def launch_cmd(
         say,
         show_plan=lambda plan: render_sizing(plan, False),
         keep_on_failure=keep_on_failure,
+        gpu=gpu,
     )
     first = record.instances[0]
     where = (
@@ -189,6 +204,7 @@ def launch_cmd(
 @click.option("--max-price", type=float, help="Highest $/h to rent at.")
 @click.option("--disk", "disk_gb", type=int, help="Disk in GB (never below what sizing says).")
 @keep_option
+@gpu_option
 @click.pass_context
 def create_cmd(
     ctx: click.Context,
@@ -200,10 +216,11 @@ def create_cmd(
     max_price: float | None,
     disk_gb: int | None,
     keep_on_failure: bool,
+    gpu: str | None,
 ) -> None:
     """Rent (or register) a box sized for MODEL and wait until SSH answers."""
     setup_logging(ctx.obj.get("verbose", False))
-    prepared = prepare(job_arg, {"model": model})
+    prepared = prepare(job_arg, {"model": model}, gpu)
     render_sizing(prepared.sizing, False)
     prov = get_provider(provider, host)
     ledger = Ledger()
@@ -310,7 +327,9 @@ def list_cmd(as_json: bool, show_all: bool) -> None:
             r["gpu"],
             r["state"],
             f"{r['price_per_hour']:.3f}" if r.get("price_per_hour") else "-",
-            fmt_duration(time.time() - r["started_at"]) if r.get("started_at") else "-",
+            fmt_duration((r.get("ended_at") or time.time()) - r["started_at"])
+            if r.get("started_at")
+            else "-",
             r.get("run") or "-",
             r.get("note") or "",
         )

@@ -70,6 +70,8 @@ def status_cmd(instance: str | None, run_name: str | None, as_json: bool) -> Non
             + (f", {trials.get('complete', 0)}/{trials.get('total')} trials" if trials else "")
             + (f" ({r['reason']})" if r.get("reason") else "")
         )
+        if r.get("hint"):
+            console.print(f"  {r['hint']}")
 
 
 @click.command("progress")

@@ -101,6 +101,7 @@ def _ledger_row(rec: InstanceRecord, inst: Instance | None, run: Any) -> dict[st
         "state": inst.state if inst else ("destroyed" if rec.state == "destroyed" else "gone"),
         "price_per_hour": inst.price_per_hour if inst else rec.price_per_hour,
         "started_at": (inst.started_at if inst else None) or rec.created_at,
+        "ended_at": rec.destroyed_at,  # its time (and its bill) stopped there
         "run": run.name if run else None,
         "run_state": run.state if run else None,
         "in_ledger": True,

@@ -43,6 +43,7 @@ def launch(
     say: Say,
     show_plan: Callable[[Plan], None] | None = None,
     keep_on_failure: bool = False,
+    gpu: str | None = None,
 ) -> RunRecord:
     """Size, rent (or register), set up and start a job on one or several boxes."""
     from abfleet.core.pipeline import create_shared_study
@@ -50,7 +51,7 @@ def launch(
 
     if workers < 1 or instances < 1:
         raise UserError("--workers and --instances must be at least 1")
-    lp = prepare(job_arg, flags)
+    lp = prepare(job_arg, flags, gpu)
     job, plan = lp.job, lp.sizing
     if show_plan:
         show_plan(plan)

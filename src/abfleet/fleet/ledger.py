@@ -51,9 +51,12 @@ CREATE TABLE IF NOT EXISTS runs (
     verified INTEGER DEFAULT 0,
     last_backup_at REAL,
     state TEXT,
-    instances TEXT                 -- JSON list of every instance id the run spans
+    instances TEXT,                -- JSON list of every instance id the run spans
+    continued_by TEXT              -- the run that resumed this one elsewhere (abfleet resume)
 );
 """
+# Columns added after a ledger may already exist: (table, column, type).
+ADDED_COLUMNS = (("runs", "continued_by", "TEXT"),)
 
 
 @dataclass
@@ -94,6 +97,7 @@ class RunRecord:
     last_backup_at: float | None
     state: str | None
     instances: list[str] = field(default_factory=list)
+    continued_by: str | None = None
 
 
 class Ledger:
@@ -102,6 +106,10 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._db() as db:
             db.executescript(SCHEMA)
+            for table, column, kind in ADDED_COLUMNS:
+                have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -186,7 +194,9 @@ class Ledger:
     def add_run(self, record: RunRecord) -> None:
         with self._db() as db:
             db.execute(
-                "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO runs (name, job, model, provider, instance_id, remote_dir,"
+                " local_dir, workers, created_at, downloaded_at, verified, last_backup_at, state,"
+                " instances, continued_by) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     record.name,
                     record.job,
@@ -202,6 +212,7 @@ class Ledger:
                     record.last_backup_at,
                     record.state,
                     json.dumps(record.instances or [record.instance_id]),
+                    record.continued_by,
                 ),
             )
 
@@ -221,6 +232,18 @@ class Ledger:
         with self._db() as db:
             rows = db.execute("SELECT * FROM runs ORDER BY created_at").fetchall()
         return [_run(r) for r in rows]
+
+    def continuation(self, run: RunRecord) -> RunRecord | None:
+        """The last run of the chain that resumed this one elsewhere, if any."""
+        seen = {run.name}
+        last = None
+        while run.continued_by and run.continued_by not in seen:
+            nxt = self.run(run.continued_by)
+            if nxt is None:
+                break
+            seen.add(nxt.name)
+            last = run = nxt
+        return last
 
     def runs_on(self, provider: str, instance_id: str) -> list[RunRecord]:
         """Runs on this instance, as their primary box or as one of several."""

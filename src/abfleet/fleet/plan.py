@@ -13,7 +13,7 @@ from typing import Any
 
 from abfleet.errors import UserError
 from abfleet.fleet.providers.base import Requirements
-from abfleet.fleet.sizing import Plan, plan_for_job
+from abfleet.fleet.sizing import Plan, plan_for_job, with_gpu
 from abfleet.job.source import ModelSource, materialize, resolve_source
 from abfleet.job.spec import Job, load_job
 
@@ -29,8 +29,9 @@ class LaunchPlan:
     sizing: Plan
 
 
-def prepare(job_arg: str | None, flags: dict[str, Any]) -> LaunchPlan:
-    """Load, validate, resolve and size a job for a cloud run: fails here, before any rent."""
+def prepare(job_arg: str | None, flags: dict[str, Any], gpu: str | None = None) -> LaunchPlan:
+    """Load, validate, resolve and size a job for a cloud run: fails here, before any rent.
+    gpu (TYPE or TYPExN) replaces the sizer's pick, if it can hold the model."""
     from abfleet.core.model import check_architecture
 
     job = load_job(job_arg, flags)
@@ -43,7 +44,8 @@ def prepare(job_arg: str | None, flags: dict[str, Any]) -> LaunchPlan:
         check_architecture(source)  # no weights loaded: the projections abliteration edits
     prompts = job.load_all_prompts()
     source = materialize(source)
-    return LaunchPlan(job, prompts, source, plan_for_job(job, prompts, source))
+    sizing = plan_for_job(job, prompts, source)
+    return LaunchPlan(job, prompts, source, with_gpu(sizing, gpu) if gpu else sizing)
 
 
 def requirements(

@@ -112,6 +112,29 @@ def default_key_files() -> list[Path]:
     return [p for p in (ssh / "id_ed25519", ssh / "id_ecdsa", ssh / "id_rsa") if p.is_file()]
 
 
+def public_keys() -> list[str]:
+    """The public halves of the keys abfleet logs in with: the configured key (its .pub, or
+    derived from it), else the default key files, else the agent's keys. A rented box is given
+    these through the provider's API, so it accepts them whatever the account holds."""
+    from abfleet.settings import settings
+
+    ssh = settings().ssh
+    files = [Path(ssh.key).expanduser()] if ssh.key else default_key_files()
+    found = []
+    for key in files:
+        pub = Path(f"{key}.pub")
+        if pub.is_file():
+            found.append(" ".join(pub.read_text(encoding="utf-8").split()[:2]))
+            continue
+        with contextlib.suppress(Exception):  # unreadable or encrypted: the agent may have it
+            private = paramiko.PKey.from_path(key)
+            found.append(f"{private.get_name()} {private.get_base64()}")
+    if not found:
+        with contextlib.suppress(Exception):
+            found = [f"{k.get_name()} {k.get_base64()}" for k in paramiko.Agent().get_keys()]
+    return found
+
+
 class SshRemote:
     def __init__(self, target: SshTarget) -> None:
         from fabric import Config, Connection

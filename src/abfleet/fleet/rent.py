@@ -3,6 +3,7 @@ fails to boot once, and destroy what must go. Only the Provider interface is use
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -26,11 +27,14 @@ from abfleet.fleet.providers.base import (
     Provider,
     Requirements,
 )
+from abfleet.fleet.remote import public_keys
 from abfleet.fleet.sizing import Plan
 from abfleet.resources import resource_path
 from abfleet.settings import settings
 
 # A "creating" row older than this whose label the provider does not list was never created.
+log = logging.getLogger(__name__)
+
 UNRESOLVED_CREATE_S = 30
 
 
@@ -191,9 +195,18 @@ def create(
             ledger.fail_create(key, reason(exc)[:200])
         raise
     except BaseException as exc:
-        # No answer: the row stays "creating" until the provider's list settles it.
+        # No answer, or Ctrl+C while waiting for one: the instance may exist all the same. Its
+        # label finds it, and then it is the rental's to destroy; if the list cannot be read
+        # either, the row stays "creating" until `list` or the next launch settles it.
         ledger.update(key, note=f"create raised {type(exc).__name__}: {str(exc)[:200]}")
+        try:
+            for row, inst in settle_pending(ledger, provider.name, provider.list()):
+                if row.key == key and inst is not None:
+                    rental.add(inst.id, offer.price_per_hour)
+        except Exception:  # noqa: BLE001 - the first failure is the one to report
+            log.warning("could not look for the instance of %s after its create failed", spec.label)
         raise
+    rental.add(instance.id, offer.price_per_hour)  # first: a Ctrl+C from here on destroys it
     ledger.finish_create(
         key,
         instance.id,
@@ -201,7 +214,6 @@ def create(
         ssh_port=instance.ssh_port,
         ssh_user=instance.ssh_user,
     )
-    rental.add(instance.id, offer.price_per_hour)
     return instance
 
 
@@ -417,4 +429,5 @@ def _spec(
         onstart=(resource_path("infra") / "onstart.sh").read_text(encoding="utf-8"),
         env={"ABFLEET_RUN": run},
         ports=ports,
+        public_keys=tuple(public_keys()),
     )

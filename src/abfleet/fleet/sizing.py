@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -400,6 +401,7 @@ def plan(
                 "count": c["count"],
                 "price_per_hour": round(c["price"], 2),
                 "est_job_cost": round(c["cost"], 2),
+                "est_seconds_per_trial": round(c["seconds"], 2),
             }
             for c in candidates
         ],
@@ -416,6 +418,52 @@ def _seconds_per_trial(
     decode = steps * weights_gb / (gpu.bandwidth_tbps * 1000)
     prefill = 2 * shape.params * n_eval * 128 / (gpu.bf16_tflops * 1e12)
     return (decode + prefill) / TIME_EFFICIENCY
+
+
+def with_gpu(plan: Plan, choice: str) -> Plan:
+    """The plan on the GPU type (and count) the user chose with --gpu TYPE[xN], or a refusal
+    that says why it cannot hold the model."""
+    m = re.fullmatch(r"(.+?)(?:x(\d+))?", choice.strip().replace(" ", "_"))
+    if not m or not m[1]:
+        raise UserError(f"--gpu {choice!r}: write TYPE or TYPExN, e.g. H100_SXM or RTX_4090x2")
+    catalog = {g.name.lower(): g for g in gpu_catalog()}
+    gpu = catalog.get(m[1].lower())
+    if gpu is None:
+        names = ", ".join(sorted(g.name for g in catalog.values()))
+        raise UserError(
+            f"--gpu {choice}: unknown GPU type {m[1]!r}; config/gpus.toml knows {names}"
+        )
+    counts = [int(m[2])] if m[2] else list(gpu.counts)
+    if m[2] and int(m[2]) not in gpu.counts:
+        raise UserError(
+            f"--gpu {choice}: {gpu.name} boxes come with {', '.join(map(str, gpu.counts))} GPUs"
+        )
+    usable = settings().sizing.usable_fraction
+    need = plan.gpu_memory_gb
+    lean = need - plan.memory_parts.get("reset copy", 0.0)
+    for count in counts:
+        room = count * gpu.memory_gb * usable
+        if need <= room or lean <= room:
+            break
+    else:
+        raise UserError(
+            f"--gpu {choice}: {counts[-1]}x {gpu.name} holds {room:.0f} GB usable, but this model "
+            f"needs {lean:.0f} GB even with the reset copy in host memory; "
+            f"`abfleet size` lists what fits ({plan.gpu_count}x {plan.gpu} is the cheapest)"
+        )
+    known = next((c for c in plan.candidates if c["gpu"] == gpu.name), None)
+    return replace(
+        plan,
+        gpu=gpu.name,
+        gpu_count=count,
+        gpu_memory_each_gb=gpu.memory_gb,
+        reset_copy="device" if need <= room else "cpu",
+        price_per_hour=gpu.price_per_hour * count,
+        est_seconds_per_trial=known["est_seconds_per_trial"]
+        if known
+        else plan.est_seconds_per_trial,
+        reasons=[*plan.reasons, f"GPU: {count}x {gpu.name}, as chosen with --gpu"],
+    )
 
 
 def plan_for(model: str, job_arg: str | None = None, batch_size: int | None = None) -> Plan:

@@ -60,7 +60,9 @@ def instance_status(ledger: Ledger, target: Target, provider: Provider) -> dict[
             "downloaded": bool(run.verified),
             "last_backup_at": run.last_backup_at,
         }
-        if live and live.ssh_ready:
+        if not (live and live.ssh_ready):
+            data["run"]["hint"] = _unreachable_hint(data["instance"]["state"], run)
+        else:
             session = Session(target)
             try:
                 snap = session.snapshot()
@@ -74,6 +76,15 @@ def instance_status(ledger: Ledger, target: Target, provider: Provider) -> dict[
                 eta_s=snap.get("eta_s"),
             )
     return data
+
+
+def _unreachable_hint(state: str, run: Any) -> str:
+    """What to do about a run whose box cannot be asked (stopped, preempted, gone)."""
+    where = f"the box is {state}, so the run cannot be asked"
+    if not run.last_backup_at:
+        return f"{where}; no backup of its study was taken: `abfleet start` the box if it can run again"
+    taken = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.last_backup_at))
+    return f"{where}; `abfleet resume {run.name}` continues it from its backup of {taken}"
 
 
 def fetch_model(

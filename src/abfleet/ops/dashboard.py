@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from abfleet.render import fmt_duration, fmt_kl, fmt_refusals
+from abfleet.worker.rundir import FINAL_STATES
 
 
 @dataclass
@@ -166,6 +167,14 @@ def _tables(snap: dict[str, Any]) -> RenderableType:
     return grid
 
 
+def _worker_state(w: dict[str, Any]) -> str:
+    """A worker that ended (done, stopped, failed) is expected to be gone; only one that should
+    still run and does not is dead."""
+    if w["alive"] or w["state"] in FINAL_STATES:
+        return str(w["state"])
+    return f"[red]dead[/] {w['state']}"
+
+
 def workers_table(snap: dict[str, Any], now: float) -> RenderableType:
     table = Table(title="workers", title_justify="left")
     for col in (
@@ -194,7 +203,7 @@ def workers_table(snap: dict[str, Any], now: float) -> RenderableType:
             str(w.get("box") or "-"),
             str(w.get("host") or "-"),
             str(w.get("gpu") if w.get("gpu") is not None else (w.get("device") or "-")),
-            ("" if w["alive"] else "[red]dead[/] ") + str(w["state"]),
+            _worker_state(w),
             str(current) if current is not None else "-",
             running_for,
             f"{fmt_duration(now - beat, live=True)} ago" if beat else "-",

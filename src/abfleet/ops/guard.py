@@ -27,6 +27,8 @@ class Assessment:
     model_verified: bool
     backup_fresh: bool | None
     backup_note: str
+    continued_in: str | None = None  # the run was resumed elsewhere; its model came home there
+    others: list[str] = field(default_factory=list)  # other runs on the box that are not home
     lines: list[str] = field(default_factory=list)
 
     @property
@@ -67,8 +69,23 @@ def assess(
         else backup_is_fresh(Path(run.local_dir), snap)
     )
     a = Assessment(target, snap, err, live, verified, fresh, note)
+    a.continued_in = _home_elsewhere(ledger, run)
+    a.others = [
+        r.name
+        for r in ledger.runs_on(rec.provider, rec.instance_id or "")
+        if r.name != (run.name if run else None)
+        and not r.verified
+        and not _home_elsewhere(ledger, r)
+    ]
     a.lines = describe(a)
     return a
+
+
+def _home_elsewhere(ledger: Ledger, run: Any) -> str | None:
+    """The run continued on another box (abfleet resume) and that model is downloaded and
+    verified: this box holds nothing that is still needed for it."""
+    last = ledger.continuation(run) if run is not None else None
+    return last.name if last is not None and last.verified else None
 
 
 def describe(a: Assessment) -> list[str]:
@@ -90,24 +107,29 @@ def describe(a: Assessment) -> list[str]:
         )
     else:
         lines.append(f"run {run.name}: state unknown ({a.reach_error or 'not reachable'})")
-    if a.model_verified:
+    if a.continued_in:
+        lines.append(f"continued as run {a.continued_in}, whose model is downloaded and verified")
+    elif a.model_verified:
         lines.append(
             f"model: downloaded and verified {time.strftime('%Y-%m-%d %H:%M', time.localtime(run.downloaded_at or 0))}"
         )
     else:
         lines.append("model: NOT downloaded and verified")
     lines.append(f"study backup: {a.backup_note}")
+    lines += [f"also on this box: run {name}, NOT downloaded" for name in a.others]
     return lines
 
 
 def check_destroy(a: Assessment, force: bool) -> None:
-    if force or a.target.run is None:
+    if force:
         return
     problems = []
-    if not a.model_verified:
-        problems.append("the finished model is not downloaded and verified (abfleet download)")
-    if a.backup_fresh is not True:
-        problems.append(f"the study backup is not current: {a.backup_note} (abfleet backup)")
+    if a.target.run is not None and not a.continued_in:
+        if not a.model_verified:
+            problems.append("the finished model is not downloaded and verified (abfleet download)")
+        if a.backup_fresh is not True:
+            problems.append(f"the study backup is not current: {a.backup_note} (abfleet backup)")
+    problems += [f"run {name} on it is not downloaded" for name in a.others]
     if problems:
         raise UserError("refusing to destroy: " + "; ".join(problems) + "; --force destroys anyway")
 

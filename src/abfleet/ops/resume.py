@@ -99,6 +99,36 @@ def resume(
     say(
         f"run {new_run} continues {run_name} on instance {instance.id}: `abfleet watch {instance.id}`"
     )
+    ledger.update_run(run_name, continued_by=new_run, state="continued")
+    _offer_to_destroy_old_box(ledger, run_name, confirm, say)
+
+
+def _offer_to_destroy_old_box(
+    ledger: Ledger, run_name: str, confirm: Callable[[str], bool] | None, say: Callable[[str], None]
+) -> None:
+    """The run goes on elsewhere: its old box (stopped or preempted) still bills for its disk."""
+    from abfleet.fleet.providers import get_provider
+    from abfleet.fleet.rent import destroy_and_confirm
+
+    old_run = ledger.run(run_name)
+    old = ledger.instance(old_run.provider, old_run.instance_id or "") if old_run else None
+    if old is None or old.state != "active" or not old.instance_id:
+        return
+    provider = get_provider(old.provider)
+    if not provider.billable:
+        return
+    rate = f"{old.price_per_hour:.3f} $/h" if old.price_per_hour else "its disk"
+    question = (
+        f"destroy instance {old.instance_id}, the old box of {run_name} (it still bills: {rate})?"
+    )
+    if confirm is not None and confirm(question):
+        destroy_and_confirm(provider, ledger, old.instance_id)
+        say(f"destroyed instance {old.instance_id}, the old box of {run_name}")
+        return
+    say(
+        f"instance {old.instance_id}, the old box of {run_name}, still bills ({rate}): "
+        f"`abfleet destroy {old.instance_id}` ends it (allowed once the new run's model is downloaded)"
+    )
 
 
 def _resume_here(

@@ -95,6 +95,9 @@ def watch(ledger: Ledger, target: Target, interval: float, once: bool, backup: b
         if once:
             watcher.refresh()
             console.print(watcher.view())
+            if watcher.info.error is not None:
+                # A script must not take an unreachable box for a healthy one.
+                raise AbfleetError(f"the box did not answer: {watcher.info.error}")
             return
         with Live(watcher.view(), console=console, refresh_per_second=2, screen=False) as live:
             while True:

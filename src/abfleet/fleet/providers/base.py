@@ -53,6 +53,7 @@ class CreateSpec:
     onstart: str = ""
     env: dict[str, str] = field(default_factory=dict)  # never secrets: Vast shows env to the host
     ports: tuple[int, ...] = ()
+    public_keys: tuple[str, ...] = ()  # SSH keys the instance must accept (given through the API)
 
 
 @dataclass

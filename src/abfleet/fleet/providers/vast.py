@@ -129,10 +129,13 @@ class VastProvider:
             )
         return filters
 
-    def _search(self, clauses: list[str]) -> list[dict[str, Any]]:
+    def _search(self, clauses: list[str], disk_gb: float) -> list[dict[str, Any]]:
         query = " ".join(clauses)
+        # storage: the disk to be rented, so dph_total is what the instance will bill (the SDK
+        # prices 5 GB unless told).
         rows = self._call(
-            "an offer search", lambda: self.sdk.search_offers(query=query, order="dph_total")
+            "an offer search",
+            lambda: self.sdk.search_offers(query=query, order="dph_total", storage=disk_gb),
         )
         if not isinstance(rows, list) or not all(isinstance(r, dict) and "id" in r for r in rows):
             raise ProviderError(
@@ -142,17 +145,17 @@ class VastProvider:
 
     def offers(self, req: Requirements) -> list[Offer]:
         filters = self._filters(req)
-        rows = self._search([clause for _, clause in filters])
+        rows = self._search([clause for _, clause in filters], req.disk_gb)
         if not rows:
-            raise ProviderError(self._why_empty(filters))
+            raise ProviderError(self._why_empty(filters, req.disk_gb))
         offers = [self._offer(r) for r in rows]
         return sorted(offers, key=lambda o: o.price_per_hour)
 
-    def _why_empty(self, filters: list[tuple[str, str]]) -> str:
+    def _why_empty(self, filters: list[tuple[str, str]], disk_gb: float) -> str:
         """Add filters one at a time: the first that empties the list is the one to loosen."""
         previous = None
         for i in range(1, len(filters) + 1):
-            count = len(self._search([clause for _, clause in filters[:i]]))
+            count = len(self._search([clause for _, clause in filters[:i]], disk_gb))
             if count == 0:
                 name, clause = filters[i - 1]
                 if previous is None:
@@ -198,6 +201,21 @@ class VastProvider:
                 direct=True,
             )
 
+        iid = self._create(offer, spec, call)
+        # An account key added after the create never reaches an instance: give it ours now.
+        for key in spec.public_keys:
+            try:
+                self.attach_key(iid, key)
+            except ProviderError as exc:
+                raise CreateFailed(
+                    f"instance {iid} was created, but attaching your SSH key failed ({exc})",
+                    instance_id=iid,
+                ) from exc
+        instance = self.get(iid)
+        return instance or Instance(iid, self.name, spec.label, PENDING)
+
+    def _create(self, offer: Offer, spec: CreateSpec, call: Callable[[], Any]) -> str:
+        """The id of the instance the create made, however its answer went."""
         what = f"creating an instance from offer {offer.id}"
         delay = self.backoff
         for attempt in range(1, self.attempts + 1):
@@ -210,7 +228,7 @@ class VastProvider:
                 found = self._labelled(spec.label)
                 if found is not None:
                     log.warning("create of %s: %s; instance %s exists", spec.label, exc, found.id)
-                    return found
+                    return found.id
                 if getattr(exc, "status", None) == 429 and attempt < self.attempts:
                     wait = getattr(exc, "retry_after", None) or delay
                     log.warning(
@@ -241,8 +259,7 @@ class VastProvider:
                 f"Vast.ai created instance {iid} from offer {offer.id} but did not start it ({reason})",
                 instance_id=iid,
             )
-        instance = self.get(iid)
-        return instance or Instance(iid, self.name, spec.label, PENDING)
+        return iid
 
     def _labelled(self, label: str) -> Instance | None:
         found = [i for i in self.list() if i.label == label]
