@@ -199,8 +199,10 @@ def boxes(tmp_path, ssh_key):
 
     made = []
 
-    def factory(name: object = None) -> SshBox:
-        box = SshBox(tmp_path / f"box-{name or len(made)}", free_port(), ssh_key).start()
+    def factory(name: object = None, env: dict[str, str] | None = None) -> SshBox:
+        box = SshBox(
+            tmp_path / f"box-{name or len(made)}", free_port(), ssh_key, env=env or {}
+        ).start()
         made.append(box)
         return box
 

@@ -123,6 +123,7 @@ class FakeVast:
         # attached to it through the API (the test key handed to boxes otherwise is not used).
         self.api_keys_only = False
         self.account_keys: list[str] = []
+        self.scoped_calls: list[tuple[str, str, Any]] = []  # made with an instance's own key
         self.lock = threading.RLock()
         self._next_id = 5_000_000
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -160,6 +161,17 @@ class FakeVast:
         """$/h of an offer with storage_gb of disk: the base plus the disk's share of storage."""
         return offer["dph_base"] + offer["storage_cost"] * storage_gb / HOURS_PER_MONTH
 
+    def scoped(self, auth: str | None, method: str, path: str) -> bool:
+        """An instance's own key (CONTAINER_API_KEY) may read, stop, start or destroy that
+        instance and nothing else."""
+        m = re.fullmatch(r"/api/v0/instances/(\d+)/", path)
+        inst = self.instances.get(int(m[1])) if m else None
+        return (
+            inst is not None
+            and method in ("GET", "PUT", "DELETE")
+            and auth == f"Bearer {inst['_api_key']}"
+        )
+
     def calls(self, method: str, path_regex: str) -> list[Any]:
         return [b for m, p, b in self.requests if m == method and re.search(path_regex, p)]
 
@@ -188,7 +200,11 @@ class FakeVast:
     def _boot(self, inst: dict[str, Any]) -> None:
         port = 0
         if self.box_factory is not None:
-            box = self.box_factory(inst["id"])
+            # As on Vast: the container's environment holds its id and a key scoped to it.
+            box = self.box_factory(
+                inst["id"],
+                env={"CONTAINER_ID": str(inst["id"]), "CONTAINER_API_KEY": inst["_api_key"]},
+            )
             self.boxes[inst["id"]] = box
             port = box.port
             self._authorize(inst)
@@ -248,7 +264,10 @@ class FakeVast:
                             if fault.after:
                                 fake.route(method, parts.path, parse_qs(parts.query), body)
                             return self._reply(fault.status, fault.body, fault.headers)
-                    if self.headers.get("Authorization") != f"Bearer {fake.api_key}":
+                    auth = self.headers.get("Authorization")
+                    if fake.scoped(auth, method, parts.path):
+                        fake.scoped_calls.append((method, parts.path, body))
+                    elif auth != f"Bearer {fake.api_key}":
                         return self._reply(
                             404,
                             {"success": False, "error": "auth_error", "msg": "Invalid user key"},
@@ -381,14 +400,16 @@ class FakeVast:
             "image_uuid": body["image"],
             "start_date": time.time(),
             "dph_total": round(self.price(offer, float(body["disk"])), 6),
+            "storage_cost": offer["storage_cost"],
             "reliability2": offer["reliability2"],
             "geolocation": offer["geolocation"],
             "_created": time.time(),
             "_fail_boot": fail,
             "_keys": list(self.account_keys),
+            "_api_key": f"instance-secret-{iid}",
         }
         # The real answer carries the instance's own API key: it must never be shown.
-        answer = {"new_contract": iid, "instance_api_key": f"instance-secret-{iid}"}
+        answer = {"new_contract": iid, "instance_api_key": self.instances[iid]["_api_key"]}
         if stopped:
             self.instances[iid].update(
                 intended_status="stopped", actual_status="stopped", cur_state="stopped"

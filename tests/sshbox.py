@@ -42,6 +42,7 @@ class SshBox:
     port: int
     authorized_key: Path
     python: str = sys.executable  # the box's Python with torch (ABFLEET_PYTHON)
+    env: dict[str, str] = field(default_factory=dict)  # more of the sessions' environment
     root: Path = field(init=False)
     proc: subprocess.Popen | None = None
 
@@ -57,6 +58,7 @@ class SshBox:
             Path(str(self.authorized_key) + ".pub").read_text()
         )
         python = self.python
+        extra = "".join(f" {k}={v}" for k, v in sorted(self.env.items()))
         path = os.pathsep.join(
             [str(Path(python).parent), "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"]
         )
@@ -74,7 +76,7 @@ StrictModes no
 UsePAM no
 PrintMotd no
 Subsystem sftp internal-sftp
-SetEnv ABFLEET_REMOTE_ROOT={self.root} ABFLEET_PYTHON={python} PATH={path} HOME={self.directory}/home
+SetEnv ABFLEET_REMOTE_ROOT={self.root} ABFLEET_PYTHON={python} PATH={path} HOME={self.directory}/home{extra}
 """
         )
         (self.directory / "home").mkdir(exist_ok=True)

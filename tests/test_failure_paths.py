@@ -30,9 +30,11 @@ def tiny_job(tmp_path, tiny_model_dir):
 def box_factory(tmp_path: Path, key: Path, python: str | None = None):
     """Boxes for the fake API, closed with it (or when their instance is destroyed)."""
 
-    def make(instance_id: int) -> SshBox:
+    def make(instance_id: int, env: dict[str, str] | None = None) -> SshBox:
         extra = {"python": python} if python else {}
-        return SshBox(tmp_path / f"box-{instance_id}", free_port(), key, **extra).start()
+        return SshBox(
+            tmp_path / f"box-{instance_id}", free_port(), key, env=env or {}, **extra
+        ).start()
 
     return make
 

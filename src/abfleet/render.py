@@ -90,3 +90,20 @@ def sizing_table(plan: Any) -> Table:
         key, _, why = reason.partition(": ")
         table.add_row(key, values.get(key, ""), why)
     return table
+
+
+def fmt_usd(value: float) -> str:
+    """Dollars: cents, or four decimals for the fractions of a cent a short test run costs."""
+    return f"{value:.2f} $" if value >= 0.01 or value == 0 else f"{value:.4f} $"
+
+
+def box_plan_line(box: dict[str, Any], now: float | None = None) -> str:
+    """What a box whose work is over will do to itself, and when (from its snapshot)."""
+    import time
+
+    left = max(0.0, box["acts_at"] - (now or time.time()))
+    when = time.strftime("%H:%M:%S", time.localtime(box["acts_at"]))
+    return (
+        f"{box.get('why') or 'work over'}: the box {box['action']}s itself at {when} "
+        f"(in {fmt_duration(left, live=True)}); `abfleet download` first if you want the model"
+    )

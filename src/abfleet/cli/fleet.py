@@ -16,11 +16,11 @@ from abfleet.errors import AbfleetError, UserError
 from abfleet.fleet.instances import resolve_instance
 from abfleet.fleet.launch import launch
 from abfleet.fleet.ledger import InstanceRecord, Ledger
-from abfleet.fleet.plan import prepare, requirements
+from abfleet.fleet.plan import Billing, LaunchOptions, parse_duration, prepare, requirements
 from abfleet.fleet.providers import NAMES, connect_record, get_provider
 from abfleet.fleet.rent import Rental, create_and_wait
 from abfleet.fleet.submit import new_run_name, setup, submit
-from abfleet.render import fmt_duration, sizing_table
+from abfleet.render import fmt_duration, fmt_usd, sizing_table
 
 
 def say(message: str) -> None:
@@ -74,6 +74,39 @@ gpu_option = click.option(
     help="GPU type to rent instead of the sizer's pick, as TYPE or TYPExN (e.g. A100_SXM4x2); "
     "refused if it cannot hold the model.",
 )
+
+
+def billing_options(func: Any) -> Any:
+    """--stop-after, --then-destroy, --budget: what a rented box does about money by itself."""
+    for option in reversed(
+        (
+            click.option(
+                "--stop-after",
+                default="30m",
+                show_default=True,
+                help="Once its work is over (or failed), the box stops itself after this long "
+                "(e.g. 90s, 30m, 2h; 0: never). A stopped box bills only its disk.",
+            ),
+            click.option(
+                "--then-destroy",
+                "then_destroy",
+                is_flag=True,
+                help="Destroy the box, not just stop it, once its model is downloaded and verified.",
+            ),
+            click.option(
+                "--budget",
+                type=float,
+                help="Most dollars this run may spend: refused up front if the estimate is "
+                "higher; on the box, the search ends, the best trial is exported and the box stops.",
+            ),
+        )
+    ):
+        func = option(func)
+    return func
+
+
+def billing_from(stop_after: str, then_destroy: bool, budget: float | None) -> Billing:
+    return Billing(parse_duration(stop_after), then_destroy, budget or 0.0)
 
 
 @click.command("offers")
@@ -145,6 +178,7 @@ def offers_cmd(
 )
 @keep_option
 @gpu_option
+@billing_options
 @click.pass_context
 def launch_cmd(
     ctx: click.Context,
@@ -159,6 +193,9 @@ def launch_cmd(
     resume: bool,
     keep_on_failure: bool,
     gpu: str | None,
+    stop_after: str,
+    then_destroy: bool,
+    budget: float | None,
     **kwargs: Any,
 ) -> None:
     """Size, rent, set up and start JOB on a box (or several), in one go.
@@ -166,22 +203,26 @@ def launch_cmd(
     Shows the GPU, disk, $/h and estimated cost, and asks before renting (--yes for scripts).
     """
     setup_logging(ctx.obj.get("verbose", False))
+    opts = LaunchOptions(
+        provider=provider,
+        host=host,
+        yes=yes,
+        max_price=max_price,
+        disk_gb=disk_gb,
+        workers=workers,
+        instances=instances,
+        resume=resume,
+        keep_on_failure=keep_on_failure,
+        gpu=gpu,
+        billing=billing_from(stop_after, then_destroy, budget),
+    )
     record = launch(
         job,
         pop_job_flags(kwargs),
-        provider,
-        host,
-        yes,
-        max_price,
-        disk_gb,
-        workers,
-        instances,
-        resume,
+        opts,
         confirm_fn(),
         say,
         show_plan=lambda plan: render_sizing(plan, False),
-        keep_on_failure=keep_on_failure,
-        gpu=gpu,
     )
     first = record.instances[0]
     where = (
@@ -266,9 +307,17 @@ def setup_cmd(ctx: click.Context, instance: str | None) -> None:
 @click.argument("job", required=False)
 @job_flags
 @click.option("--workers", type=int, default=1, show_default=True, help="Workers on the box.")
+@billing_options
 @click.pass_context
 def submit_cmd(
-    ctx: click.Context, instance: str | None, job: str | None, workers: int, **kwargs: Any
+    ctx: click.Context,
+    instance: str | None,
+    job: str | None,
+    workers: int,
+    stop_after: str,
+    then_destroy: bool,
+    budget: float | None,
+    **kwargs: Any,
 ) -> None:
     """Send JOB to INSTANCE (set up with `abfleet setup`) and start its worker(s)."""
     from abfleet.fleet.deploy import Box
@@ -276,7 +325,9 @@ def submit_cmd(
     setup_logging(ctx.obj.get("verbose", False))
     ledger = Ledger()
     record = resolve_instance(ledger, instance, choose_fn())
-    prepared = prepare(job, pop_job_flags(kwargs))
+    prepared = prepare(
+        job, pop_job_flags(kwargs), billing=billing_from(stop_after, then_destroy, budget)
+    )
     if not record.remote_root:
         raise UserError(
             f"instance {record.instance_id} is not set up yet: run `abfleet setup {record.instance_id}`"
@@ -286,7 +337,7 @@ def submit_cmd(
         box = Box(remote, record.remote_root)
         run = new_run_name(prepared.job)
         submit(
-            record.provider,
+            get_provider(record.provider),
             record.instance_id or "",
             box,
             prepared,
@@ -317,7 +368,7 @@ def list_cmd(as_json: bool, show_all: bool) -> None:
     table.add_column(
         "id", no_wrap=True, min_width=max((len(str(r["id"])) for r in rows), default=2)
     )
-    for col in ("provider", "label", "GPU", "state", "$/h", "up", "run", "note"):
+    for col in ("provider", "label", "GPU", "state", "$/h now", "spent", "up", "run", "note"):
         table.add_column(col)
     for r in rows:
         table.add_row(
@@ -326,7 +377,8 @@ def list_cmd(as_json: bool, show_all: bool) -> None:
             r["label"],
             r["gpu"],
             r["state"],
-            f"{r['price_per_hour']:.3f}" if r.get("price_per_hour") else "-",
+            _rate_now(r),
+            _spent(r),
             fmt_duration((r.get("ended_at") or time.time()) - r["started_at"])
             if r.get("started_at")
             else "-",
@@ -334,12 +386,38 @@ def list_cmd(as_json: bool, show_all: bool) -> None:
             r.get("note") or "",
         )
     console.print(table)
+    billing = [r for r in rows if r.get("billing") in ("running", "stopped")]
+    spent = sum(r.get("spent_usd") or 0 for r in rows)
+    console.print(
+        f"spent so far {fmt_usd(spent)}"
+        + ("" if show_all else " (live instances; --all adds destroyed ones)")
+        + f"; billing now {sum(r.get('rate_now') or 0 for r in billing):.3f} $/h"
+        + f" ({sum(r['billing'] == 'running' for r in billing)} running,"
+        + f" {sum(r['billing'] == 'stopped' for r in billing)} stopped: disk only)"
+    )
     for r in rows:
         if r.get("note", "").startswith("NOT IN LEDGER"):
             console.print(
                 f"[bold red]instance {r['id']} bills but abfleet did not create it[/] (or lost its record)"
             )
     _fail_if_blind(found.unseen)
+
+
+def _rate_now(row: dict[str, Any]) -> str:
+    rate = row.get("rate_now")
+    if row.get("billing") == "ended":
+        return "-"
+    if rate is None:
+        rate = row.get("price_per_hour")
+    if not rate:
+        return "-"
+    return f"{rate:.3f}" + (" (disk)" if row.get("billing") == "stopped" else "")
+
+
+def _spent(row: dict[str, Any]) -> str:
+    if row.get("spent_usd") is None:
+        return "?"
+    return ("≤ " if row.get("spend_exact") is False else "") + fmt_usd(row["spent_usd"])
 
 
 def _fail_if_blind(unseen: list[str]) -> None:

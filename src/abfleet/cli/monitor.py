@@ -18,7 +18,7 @@ from abfleet.fleet.instances import resolve_instance
 from abfleet.fleet.ledger import Ledger
 from abfleet.ops.actions import note_state
 from abfleet.ops.monitor import RunView, Session, Target, pick_run, require_run
-from abfleet.render import fmt_duration, fmt_kl, fmt_refusals
+from abfleet.render import box_plan_line, fmt_duration, fmt_kl, fmt_refusals, fmt_usd
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 run_option = click.option(
@@ -62,6 +62,11 @@ def status_cmd(instance: str | None, run_name: str | None, as_json: bool) -> Non
         f"instance [bold]{i['id']}[/] ({i['provider']}) {i['label']}: {i['state']} {i['detail']}"
     )
     console.print(f"  {i['gpu']}, {i['price_per_hour'] or 0:.3f} $/h, ssh {i['ssh'] or '-'}")
+    if i.get("spent_usd") is not None:
+        now = "disk only" if i["billing"] == "stopped" else i["billing"]
+        console.print(
+            f"  spent so far {fmt_usd(i['spent_usd'])}; billing now {i['rate_now']:.3f} $/h ({now})"
+        )
     r = data["run"]
     if r:
         trials = r.get("trials") or {}
@@ -70,6 +75,13 @@ def status_cmd(instance: str | None, run_name: str | None, as_json: bool) -> Non
             + (f", {trials.get('complete', 0)}/{trials.get('total')} trials" if trials else "")
             + (f" ({r['reason']})" if r.get("reason") else "")
         )
+        if r.get("budget_usd"):
+            console.print(f"  budget {fmt_usd(r['budget_usd'])}")
+        box = r.get("box") or {}
+        if box.get("action") and box.get("acts_at"):
+            console.print(f"  {box_plan_line(box)}")
+        if box.get("error"):
+            console.print(f"  [red]the box {box['error']}[/]")
         if r.get("hint"):
             console.print(f"  {r['hint']}")
 
@@ -112,6 +124,9 @@ def progress_cmd(
     base = snap.get("baseline")
     if base:
         console.print(f"before: refusals {fmt_refusals(base['refusals'], base['n_bad'])}")
+    box = snap.get("box") or {}
+    if box.get("action") and box.get("acts_at"):
+        console.print(box_plan_line(box))
     table = Table(title="Pareto front", title_justify="left")
     for col in ("trial", "refusals", "KL", "degenerate", "worker"):
         table.add_column(col, justify="right")
@@ -261,11 +276,12 @@ def download_cmd(
     columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("download", total=None)
-        result = fetch_model(
+        result, woke = fetch_model(
             ledger,
             target,
             dest,
             warn,
+            say,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             prefer_rsync=not sftp,
             on_attempt=lambda n, why: err_console.print(
@@ -276,8 +292,16 @@ def download_cmd(
         f"[bold green]verified[/] {result.files} files, {result.bytes_total / 1e9:.2f} GB in {dest} "
         f"({result.method}, {result.bytes_transferred / 1e6:.1f} MB transferred, {result.seconds:.1f} s)"
     )
-    if then_destroy:
-        _destroy(ledger, target.instance.instance_id, run.name, yes, force=False)
+    if then_destroy or run.then_destroy:
+        if run.then_destroy and not then_destroy:
+            console.print("destroying the box, as chosen at launch (--then-destroy)")
+        _destroy(
+            ledger, target.instance.instance_id, run.name, yes or run.then_destroy, force=False
+        )
+    elif woke:
+        from abfleet.ops.actions import stop_again
+
+        console.print(stop_again(ledger, target.instance, _provider_for(target.instance)))
 
 
 @click.command("resume")
@@ -388,6 +412,7 @@ def stop_cmd(instance: str | None, yes: bool, force: bool) -> None:
     iid = target.instance.instance_id or ""
     confirm_typed(iid, "stop", yes, _ask_typed())
     provider.stop(iid)
+    ledger.meter_mark(provider.name, iid, "stopped")
     console.print(f"[bold]stopped[/] instance {iid}")
 
 
@@ -407,7 +432,9 @@ def start_cmd(instance: str | None, yes: bool) -> None:
             f"start instance {rec.instance_id} ({rec.gpu_count}x {rec.gpu_name}, {rec.price_per_hour or 0:.3f} $/h)"
         ):
             raise Declined("did not start: nothing was changed")
-    _provider_for(rec).start(rec.instance_id or "")
+    provider = _provider_for(rec)
+    provider.start(rec.instance_id or "")
+    ledger.meter_mark(provider.name, rec.instance_id or "", "running")
     console.print(
         f"[bold]started[/] instance {rec.instance_id}; its SSH port may have changed: see `abfleet status`"
     )

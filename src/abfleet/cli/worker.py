@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,22 +43,49 @@ def worker() -> None:
 @click.option("--secondary", is_flag=True, help="Run trials only; the primary worker exports.")
 @click.option("--resume", is_flag=True, help="Continue a study made by a different job spec.")
 @click.option("--no-create", is_flag=True, help="Load the study only (the controller created it).")
-def worker_run(run_dir: Path, index: int, secondary: bool, resume: bool, no_create: bool) -> None:
+@click.option(
+    "--box-lead",
+    is_flag=True,
+    help="This worker stops the box once every worker on it is done (see the box terms).",
+)
+def worker_run(
+    run_dir: Path, index: int, secondary: bool, resume: bool, no_create: bool, box_lead: bool
+) -> None:
     """Run the job in RUN_DIR/job.toml until the study is complete."""
     from abfleet.worker.jobrun import LogReporter, RunOptions, run_job
+    from abfleet.worker.rundir import StatusWriter
+    from abfleet.worker.selfstop import BoxTerms, finish_box
 
     run = RunDir(run_dir.resolve())
     setup_logging(verbose=False, log_file=str(run.log_file(index)))
     localrun.apply_threads()
     job = load_job(str(run.job_file))
     localrun.write_pid(run, index)
+    terms = BoxTerms.from_env(os.environ, run)
     options = RunOptions(
         worker_index=index, primary=not secondary, resume=resume, create_study=not no_create
     )
+    if terms is not None:
+        options.out_of_budget = terms.over_budget
+    code = 1
     with localrun.StopFlag() as stop:
         options.should_stop = stop.is_set
-        result = run_job(job, run, LogReporter(), options)
-    sys.exit(0 if result.state == "done" else 130)
+        try:
+            result = run_job(job, run, LogReporter(), options)
+            code = 0 if result.state == "done" else 130
+        finally:
+            # Done, failed or out of budget, the box must not bill on unseen; a signal (the
+            # user at work on the box) leaves it as it is.
+            if box_lead and terms is not None and not stop.is_set():
+                finish_box(
+                    run,
+                    terms,
+                    StatusWriter.reopen(run, index),
+                    index,
+                    terms.over_budget(),
+                    stop.is_set,
+                )
+    sys.exit(code)
 
 
 @worker.command("backup")

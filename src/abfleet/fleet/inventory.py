@@ -14,6 +14,7 @@ from abfleet.fleet.ledger import InstanceRecord, Ledger
 from abfleet.fleet.providers import RENTED, get_provider
 from abfleet.fleet.providers.base import Instance
 from abfleet.fleet.rent import settle_pending
+from abfleet.fleet.spend import instance_spend, observe
 
 
 @dataclass
@@ -59,7 +60,16 @@ def inventory(ledger: Ledger, include_destroyed: bool = False) -> Inventory:
             if rec.provider in RENTED
             else get_provider(rec.provider).get(rec.instance_id or "")
         )
+        if rec.provider in RENTED and rec.provider not in blind:
+            observe(ledger, rec, inst)
         row = _ledger_row(rec, inst, runs.get(key))
+        spend = instance_spend(ledger, rec)
+        row.update(
+            spent_usd=round(spend.usd, 4),
+            rate_now=spend.rate_now,
+            billing=spend.billing,
+            spend_exact=spend.exact,
+        )
         if rec.provider in blind:
             row.update(state="unknown", note=f"{rec.provider} could not be asked")
         rows.append(row)
@@ -79,6 +89,11 @@ def inventory(ledger: Ledger, include_destroyed: bool = False) -> Inventory:
                 "run": None,
                 "run_state": None,
                 "in_ledger": False,
+                "spent_usd": None,
+                "rate_now": inst.price_per_hour
+                if inst.state != "stopped"
+                else inst.storage_per_hour,
+                "billing": "running" if inst.state != "stopped" else "stopped",
                 "note": "NOT IN LEDGER: it bills, but abfleet has no record of creating it",
             }
         )

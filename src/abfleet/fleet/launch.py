@@ -9,12 +9,13 @@ from typing import Any
 from abfleet.errors import UserError
 from abfleet.fleet.deploy import Box
 from abfleet.fleet.ledger import Ledger, RunRecord
-from abfleet.fleet.plan import Confirm, LaunchPlan, Say, prepare, requirements
+from abfleet.fleet.plan import Confirm, LaunchOptions, LaunchPlan, Say, prepare, requirements
 from abfleet.fleet.providers.base import Instance, Provider
 from abfleet.fleet.rent import Rental, create_fleet
 from abfleet.fleet.sizing import Plan
 from abfleet.fleet.submit import (
     BoxPlan,
+    box_terms,
     gpu_groups,
     new_run_name,
     record_run,
@@ -31,27 +32,19 @@ from abfleet.settings import settings
 def launch(
     job_arg: str | None,
     flags: dict[str, Any],
-    provider_name: str,
-    host: str | None,
-    yes: bool,
-    max_price: float | None,
-    disk_gb: int | None,
-    workers: int,
-    instances: int,
-    resume: bool,
+    opts: LaunchOptions,
     confirm: Confirm | None,
     say: Say,
     show_plan: Callable[[Plan], None] | None = None,
-    keep_on_failure: bool = False,
-    gpu: str | None = None,
 ) -> RunRecord:
     """Size, rent (or register), set up and start a job on one or several boxes."""
     from abfleet.core.pipeline import create_shared_study
     from abfleet.fleet.providers import get_provider
 
+    workers, instances, resume = opts.workers, opts.instances, opts.resume
     if workers < 1 or instances < 1:
         raise UserError("--workers and --instances must be at least 1")
-    lp = prepare(job_arg, flags, gpu)
+    lp = prepare(job_arg, flags, opts.gpu, opts.billing)
     job, plan = lp.job, lp.sizing
     if show_plan:
         show_plan(plan)
@@ -67,18 +60,18 @@ def launch(
     if storage and not head:
         # Unreachable or a wrong password: fails here, before anything is rented.
         create_shared_study(job, storage, resume, prompts=lp.prompts)
-    provider = get_provider(provider_name, host)
+    provider = get_provider(opts.provider, opts.host)
     if instances > 1 and not provider.billable:
         raise UserError(
             "--instances is for rented boxes (--provider vast); give a Postgres URL to share a study with your own machines"
         )
     ledger = Ledger()
-    req = requirements(plan, disk_gb, max_price, workers=workers)
+    req = requirements(plan, opts.disk_gb, opts.max_price, workers=workers)
     run = new_run_name(job)
     pg_port = settings().vast.postgres_port
     # From the first create on, a failure destroys what this command rented (or keeps it, and
     # says so): a box never bills unseen.
-    with Rental(provider, ledger, keep_on_failure) as rental:
+    with Rental(provider, ledger, opts.keep_on_failure) as rental:
         fleet = create_fleet(
             provider,
             ledger,
@@ -86,12 +79,13 @@ def launch(
             req,
             run,
             job.spec.search.n_trials,
-            yes,
+            opts.yes,
             confirm,
             say,
             rental,
             instances,
             (pg_port,) if head else (),
+            budget_usd=opts.billing.budget_usd,
         )
         try:
             boxes = _start_workers(lp, provider, ledger, fleet, run, workers, storage, resume, say)
@@ -106,6 +100,7 @@ def launch(
             job,
             run,
             workers * instances,
+            opts.billing,
         )
 
 
@@ -147,6 +142,7 @@ def _start_workers(
         files = {headdb.CERT_NAME: db.local_cert}
     elif storage:
         envs = [{"ABFLEET_STORAGE_URL": storage} for _ in fleet]
+    ids = [instance.id for instance, _ in fleet]
     for i, ((instance, _), box) in enumerate(zip(fleet, boxes, strict=True)):
         bp = BoxPlan(
             first_index=i * workers,
@@ -155,6 +151,7 @@ def _start_workers(
             env=envs[i],
             shared_study=bool(storage),
             extra_files=files,
+            terms=box_terms(provider, ledger, ids, instance.id, lp.billing),
         )
         submit_box(box, lp, run, say, bp)
     return boxes

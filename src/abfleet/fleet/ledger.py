@@ -54,9 +54,22 @@ CREATE TABLE IF NOT EXISTS runs (
     instances TEXT,                -- JSON list of every instance id the run spans
     continued_by TEXT              -- the run that resumed this one elsewhere (abfleet resume)
 );
+CREATE TABLE IF NOT EXISTS meter (  -- what an instance bills at from `at` on
+    provider TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    state TEXT NOT NULL,           -- running, stopped
+    exact INTEGER NOT NULL         -- 0: abfleet saw it at `at`; it may have changed earlier
+);
 """
 # Columns added after a ledger may already exist: (table, column, type).
-ADDED_COLUMNS = (("runs", "continued_by", "TEXT"),)
+ADDED_COLUMNS = (
+    ("runs", "continued_by", "TEXT"),
+    ("runs", "stop_after_s", "REAL"),  # the box stops itself this long after its work ends
+    ("runs", "then_destroy", "INTEGER"),  # a downloaded box is destroyed rather than stopped
+    ("runs", "budget_usd", "REAL"),
+    ("instances", "storage_per_hour", "REAL"),  # what it bills while stopped
+)
 
 
 @dataclass
@@ -79,6 +92,7 @@ class InstanceRecord:
     destroyed_at: float | None
     offer: dict[str, Any] | None
     note: str | None
+    storage_per_hour: float | None = None
 
 
 @dataclass
@@ -98,6 +112,9 @@ class RunRecord:
     state: str | None
     instances: list[str] = field(default_factory=list)
     continued_by: str | None = None
+    stop_after_s: float | None = None
+    then_destroy: bool = False
+    budget_usd: float | None = None
 
 
 class Ledger:
@@ -130,7 +147,8 @@ class Ledger:
         with self._db() as db:
             cur = db.execute(
                 "INSERT INTO instances (provider, label, run, state, offer, gpu_name, gpu_count,"
-                " price_per_hour, disk_gb, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                " price_per_hour, disk_gb, created_at, storage_per_hour)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     provider,
                     label,
@@ -142,6 +160,7 @@ class Ledger:
                     offer.get("price_per_hour"),
                     offer.get("disk_gb"),
                     time.time(),
+                    offer.get("storage_per_hour"),
                 ),
             )
             return int(cur.lastrowid)
@@ -196,7 +215,8 @@ class Ledger:
             db.execute(
                 "INSERT OR REPLACE INTO runs (name, job, model, provider, instance_id, remote_dir,"
                 " local_dir, workers, created_at, downloaded_at, verified, last_backup_at, state,"
-                " instances, continued_by) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " instances, continued_by, stop_after_s, then_destroy, budget_usd)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     record.name,
                     record.job,
@@ -213,6 +233,9 @@ class Ledger:
                     record.state,
                     json.dumps(record.instances or [record.instance_id]),
                     record.continued_by,
+                    record.stop_after_s,
+                    int(record.then_destroy),
+                    record.budget_usd,
                 ),
             )
 
@@ -245,6 +268,46 @@ class Ledger:
             last = run = nxt
         return last
 
+    # -- the meter --------------------------------------------------------------------------
+
+    def meter_mark(
+        self,
+        provider: str,
+        instance_id: str,
+        state: str,
+        at: float | None = None,
+        exact: bool = True,
+    ) -> None:
+        """The instance bills as `state` (running or stopped) from `at` on; a repeat of the
+        state it already has changes nothing."""
+        events = self.meter_events(provider, instance_id)
+        if (events and events[-1][1] == state) or (not events and state == "running"):
+            return
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO meter (provider, instance_id, at, state, exact) VALUES (?,?,?,?,?)",
+                (provider, instance_id, at or time.time(), state, int(exact)),
+            )
+
+    def meter_correct(self, provider: str, instance_id: str, state: str, at: float) -> None:
+        """The exact time of a change abfleet only saw later (a box that stopped itself)."""
+        with self._db() as db:
+            db.execute(
+                "UPDATE meter SET at = ?, exact = 1 WHERE rowid = (SELECT rowid FROM meter"
+                " WHERE provider = ? AND instance_id = ? AND state = ? AND exact = 0"
+                " ORDER BY at DESC LIMIT 1) AND at > ?",
+                (at, provider, instance_id, state, at),
+            )
+
+    def meter_events(self, provider: str, instance_id: str) -> list[tuple[float, str, bool]]:
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT at, state, exact FROM meter WHERE provider = ? AND instance_id = ?"
+                " ORDER BY at, rowid",
+                (provider, instance_id),
+            ).fetchall()
+        return [(r["at"], r["state"], bool(r["exact"])) for r in rows]
+
     def runs_on(self, provider: str, instance_id: str) -> list[RunRecord]:
         """Runs on this instance, as their primary box or as one of several."""
         return [r for r in self.runs() if r.provider == provider and instance_id in r.instances]
@@ -259,6 +322,7 @@ def _instance(row: sqlite3.Row) -> InstanceRecord:
 def _run(row: sqlite3.Row) -> RunRecord:
     data = dict(row)
     data["verified"] = bool(data["verified"])
+    data["then_destroy"] = bool(data.get("then_destroy"))
     data["instances"] = (
         json.loads(data["instances"]) if data.get("instances") else [data["instance_id"]]
     )

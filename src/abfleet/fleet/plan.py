@@ -20,6 +20,52 @@ from abfleet.job.spec import Job, load_job
 Say = Callable[[str], None]
 Confirm = Callable[[str], bool]
 
+DEFAULT_STOP_AFTER_S = 1800.0
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+@dataclass(frozen=True)
+class Billing:
+    """What the user chose about money at launch: when a box whose work is over stops itself,
+    whether a downloaded one is destroyed instead, and a budget for the whole run."""
+
+    stop_after_s: float = DEFAULT_STOP_AFTER_S  # 0: the box keeps running when done
+    then_destroy: bool = False
+    budget_usd: float = 0.0  # 0: none
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """How `launch` rents and runs, as the user asked on the command line."""
+
+    provider: str = "vast"
+    host: str | None = None  # for the ssh provider
+    yes: bool = False
+    max_price: float | None = None
+    disk_gb: int | None = None
+    workers: int = 1  # per box
+    instances: int = 1
+    resume: bool = False  # continue a shared study made by a different job spec
+    keep_on_failure: bool = False
+    gpu: str | None = None  # TYPE or TYPExN instead of the sizer's pick
+    billing: Billing = Billing()
+
+
+def parse_duration(text: str) -> float:
+    """`30m`, `90s`, `2h` or minutes as a bare number; `0` means never."""
+    raw = text.strip().lower()
+    unit = raw[-1:] if raw[-1:] in _UNITS else "m"
+    number = raw[:-1] if raw[-1:] in _UNITS else raw
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        raise UserError(
+            f"--stop-after {text!r} is not a duration: use e.g. 30m, 90s, 2h, or 0 for never"
+        ) from None
+    if value < 0:
+        raise UserError(f"--stop-after {text!r} is negative: use 0 for never")
+    return value
+
 
 @dataclass(frozen=True)
 class LaunchPlan:
@@ -27,9 +73,15 @@ class LaunchPlan:
     prompts: dict[str, list[str]]
     source: ModelSource  # local, hub, or the built demo directory
     sizing: Plan
+    billing: Billing = Billing()
 
 
-def prepare(job_arg: str | None, flags: dict[str, Any], gpu: str | None = None) -> LaunchPlan:
+def prepare(
+    job_arg: str | None,
+    flags: dict[str, Any],
+    gpu: str | None = None,
+    billing: Billing | None = None,
+) -> LaunchPlan:
     """Load, validate, resolve and size a job for a cloud run: fails here, before any rent.
     gpu (TYPE or TYPExN) replaces the sizer's pick, if it can hold the model."""
     from abfleet.core.model import check_architecture
@@ -45,7 +97,11 @@ def prepare(job_arg: str | None, flags: dict[str, Any], gpu: str | None = None) 
     prompts = job.load_all_prompts()
     source = materialize(source)
     sizing = plan_for_job(job, prompts, source)
-    return LaunchPlan(job, prompts, source, with_gpu(sizing, gpu) if gpu else sizing)
+    if billing is not None and billing.budget_usd < 0:
+        raise UserError("--budget must be a positive amount of dollars")
+    return LaunchPlan(
+        job, prompts, source, with_gpu(sizing, gpu) if gpu else sizing, billing or Billing()
+    )
 
 
 def requirements(

@@ -309,7 +309,8 @@ def open_remote(
     ssh = settings().ssh
     if not getattr(instance, "ssh_host", None) or not getattr(instance, "ssh_port", None):
         raise RemoteError(
-            f"instance {getattr(instance, 'id', '?')} has no SSH address yet (still starting?)"
+            f"instance {getattr(instance, 'id', None) or getattr(instance, 'instance_id', '?')} "
+            "has no SSH address yet (still starting?)"
         )
     target = SshTarget(
         host=instance.ssh_host,

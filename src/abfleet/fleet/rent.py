@@ -14,6 +14,7 @@ from abfleet.errors import (
     ProviderError,
     RemoteError,
     SshAuthError,
+    UserError,
     reason,
 )
 from abfleet.fleet.ledger import InstanceRecord, Ledger
@@ -182,6 +183,7 @@ def create(
         "price_per_hour": offer.price_per_hour,
         "disk_gb": spec.disk_gb,
         "machine_id": offer.machine_id,
+        "storage_per_hour": offer.storage_per_hour,
     }
     key = ledger.begin_create(provider.name, spec.label, run, offer_data)
     try:
@@ -313,6 +315,7 @@ def create_fleet(
     rental: Rental,
     count: int = 1,
     head_ports: tuple[int, ...] = (),
+    budget_usd: float = 0.0,
 ) -> list[tuple[Instance, Any]]:
     """Create `count` instances on distinct machines after one confirmation, then wait for each.
 
@@ -338,6 +341,8 @@ def create_fleet(
                 f"{count} instances: {rate:.3f} $/h together"
                 + (f", about {rate * hours:.2f} $ in all" if hours else "")
             )
+        if budget_usd:
+            lines.append(_check_budget(budget_usd, offers, plan, n_trials, count))
         for line in lines:
             say(line)
         what = f"{offers[0].gpu_count}x {offers[0].gpu_name} instance at {offers[0].price_per_hour:.3f} $/h"
@@ -378,7 +383,32 @@ def create_fleet(
         say(f"trying another machine once: offer {offer.id} at {offer.price_per_hour:.3f} $/h")
         replacement = create(provider, ledger, offer, spec, run, rental)
         ready.append(wait_ready(provider, replacement.id, say))
+    for inst, _ in ready:  # the address SSH answered on (a create knows none yet)
+        rec = ledger.instance(provider.name, inst.id)
+        if rec is not None:
+            ledger.update(
+                rec.key, ssh_host=inst.ssh_host, ssh_port=inst.ssh_port, ssh_user=inst.ssh_user
+            )
     return ready
+
+
+def _check_budget(
+    budget_usd: float, offers: list[Offer], plan: Plan, n_trials: int, count: int
+) -> str:
+    """Refuse a run whose estimate is over budget before anything is rented."""
+    rate = sum(o.price_per_hour for o in offers)
+    hours = plan.hours_for(max(1, n_trials // count))
+    if hours is not None and rate * hours > budget_usd:
+        raise UserError(
+            f"the estimated cost, {rate * hours:.2f} $ ({hours:.1f} h at {rate:.3f} $/h), is over "
+            f"--budget {budget_usd:.2f} $: raise the budget, lower --trials or choose a cheaper "
+            "--gpu; nothing was rented"
+        )
+    estimate = f"estimated {rate * hours:.2f} $" if hours is not None else "no estimate"
+    return (
+        f"budget {budget_usd:.2f} $ ({estimate}): once spent, the search ends, the best trial "
+        "so far is exported and the box stops itself"
+    )
 
 
 def _ask_for_dearer(

@@ -25,11 +25,12 @@ from abfleet.fleet.deploy import (
     write_env,
 )
 from abfleet.fleet.ledger import Ledger, RunRecord
-from abfleet.fleet.plan import LaunchPlan, Say
+from abfleet.fleet.plan import Billing, LaunchPlan, Say
 from abfleet.fleet.providers.base import Instance, Provider
 from abfleet.job.spec import ENV_STORAGE, HEAD_STORAGE, Job, bundle
 from abfleet.job.storage import resolve_shared
 from abfleet.paths import local_run_dir
+from abfleet.worker.selfstop import BoxTerms
 
 
 def register(provider: Provider, ledger: Ledger, instance: Instance, box: Box) -> None:
@@ -69,10 +70,30 @@ class BoxPlan:
     shared_study: bool = False  # the study is in Postgres, created by the controller
     study_file: Path | None = None  # a backed-up SQLite study to continue
     extra_files: dict[str, Path] | None = None  # name in the run folder -> local file
+    terms: BoxTerms | None = None  # budget and self-stop; its first worker enforces them
+
+
+def box_terms(
+    provider: Provider, ledger: Ledger, instance_ids: list[str], instance_id: str, billing: Billing
+) -> BoxTerms | None:
+    """The terms one box of a run gets: the run's whole $/h since its first create (for the
+    budget), and how this box stops itself. None for a machine abfleet does not rent."""
+    if not provider.billable:
+        return None
+    records = [r for r in (ledger.instance(provider.name, i) for i in instance_ids) if r]
+    return BoxTerms(
+        instance_id=instance_id,
+        rate_per_hour=sum(r.price_per_hour or 0.0 for r in records),
+        billing_since=min((r.created_at for r in records), default=time.time()),
+        budget_usd=billing.budget_usd,
+        stop_after_s=billing.stop_after_s,
+        then_destroy=billing.then_destroy,
+        requests=provider.self_stop_requests(instance_id),
+    )
 
 
 def submit(
-    provider_name: str,
+    provider: Provider,
     instance_id: str,
     box: Box,
     lp: LaunchPlan,
@@ -86,8 +107,8 @@ def submit(
     from abfleet.core.pipeline import create_shared_study
 
     job = lp.job
-
-    bp = BoxPlan(workers=workers, study_file=study_file)
+    terms = box_terms(provider, ledger, [instance_id], instance_id, lp.billing)
+    bp = BoxPlan(workers=workers, study_file=study_file, terms=terms)
     storage = job.spec.search.storage
     if storage == HEAD_STORAGE:
         raise UserError(
@@ -102,9 +123,12 @@ def submit(
             study_file=study_file,
             shared_study=True,
             env={"ABFLEET_STORAGE_URL": url},
+            terms=terms,
         )
     submit_box(box, lp, run, say, bp)
-    return record_run(ledger, provider_name, [instance_id], box.run_dir(run), job, run, workers)
+    return record_run(
+        ledger, provider.name, [instance_id], box.run_dir(run), job, run, workers, lp.billing
+    )
 
 
 def submit_box(box: Box, lp: LaunchPlan, run: str, say: Say, bp: BoxPlan) -> list[int]:
@@ -141,7 +165,8 @@ def submit_box(box: Box, lp: LaunchPlan, run: str, say: Say, bp: BoxPlan) -> lis
     if bp.study_file is not None:
         box.remote.put(bp.study_file, f"{run_dir}/study.db")
     bundle(job, local_run_dir(run) / "job", model=job.spec.model)
-    write_env(box, run_dir, {**secret_env(), **(bp.env or {})})
+    terms_env = bp.terms.to_env() if bp.terms else {}
+    write_env(box, run_dir, {**secret_env(), **(bp.env or {}), **terms_env})
     pids = []
     for i in range(bp.workers):
         index = bp.first_index + i
@@ -149,6 +174,7 @@ def submit_box(box: Box, lp: LaunchPlan, run: str, say: Say, bp: BoxPlan) -> lis
         args = (
             *(("--secondary",) if index > 0 else ()),
             *(("--no-create",) if bp.shared_study else ()),
+            *(("--box-lead",) if i == 0 and bp.terms else ()),
         )
         pids.append(start_worker(box, run_dir, index, gpu, args))
     say(
@@ -165,7 +191,9 @@ def record_run(
     job: Job,
     run: str,
     workers: int,
+    billing: Billing | None = None,
 ) -> RunRecord:
+    billing = billing or Billing()
     local = local_run_dir(run)
     local.mkdir(parents=True, exist_ok=True)
     record = RunRecord(
@@ -183,6 +211,9 @@ def record_run(
         last_backup_at=None,
         state="submitted",
         instances=instance_ids,
+        stop_after_s=billing.stop_after_s,
+        then_destroy=billing.then_destroy,
+        budget_usd=billing.budget_usd or None,
     )
     ledger.add_run(record)
     return record

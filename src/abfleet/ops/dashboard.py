@@ -12,7 +12,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from abfleet.render import fmt_duration, fmt_kl, fmt_refusals
+from abfleet.render import box_plan_line, fmt_duration, fmt_kl, fmt_refusals, fmt_usd
 from abfleet.worker.rundir import FINAL_STATES
 
 
@@ -27,6 +27,10 @@ class ViewInfo:
     stale_since: float | None = None
     error: str | None = None
     backup: dict[str, Any] | None = None
+    spent_usd: float | None = None  # the run's instances, from the ledger's meter
+    rate_now: float | None = None  # what they bill at now ($/h; a stopped box: its disk)
+    billing: str = "running"  # running, stopped, ended
+    budget_usd: float | None = None
 
 
 def gauge(used: float | None, total: float | None, width: int = 18) -> RenderableType:
@@ -67,9 +71,16 @@ def render(snap: dict[str, Any] | None, info: ViewInfo, now: float | None = None
 
 
 def _header(snap: dict[str, Any] | None, info: ViewInfo, now: float) -> RenderableType:
-    hours = (now - info.created_at) / 3600
-    cost = f"{info.price_per_hour * hours:.2f} $" if info.price_per_hour else "-"
-    rate = f"{info.price_per_hour:.3f} $/h" if info.price_per_hour else "not billed by abfleet"
+    if info.spent_usd is None:
+        cost, rate = "-", "not billed by abfleet"
+    else:
+        cost = fmt_usd(info.spent_usd)
+        if info.budget_usd:
+            cost += f" of a {fmt_usd(info.budget_usd)} budget"
+        rate = f"{info.rate_now or 0:.3f} $/h" + {
+            "stopped": " (stopped: disk only)",
+            "ended": " (destroyed)",
+        }.get(info.billing, "")
     lines = Table.grid(padding=(0, 2))
     lines.add_column()
     lines.add_column()
@@ -100,6 +111,11 @@ def _header(snap: dict[str, Any] | None, info: ViewInfo, now: float) -> Renderab
                 Text("before"),
                 Text(f"refusals {fmt_refusals(base.get('refusals'), base.get('n_bad'))}"),
             )
+        box = snap.get("box") or {}
+        if box.get("action") and box.get("acts_at"):
+            lines.add_row(Text("box", style="bold"), Text(box_plan_line(box, now)))
+        if box.get("error"):
+            lines.add_row(Text("box", style="bold red"), Text(box["error"], style="red"))
     else:
         lines.add_row(Text("no snapshot yet", style="bold"), Text(""))
     lines.add_row(

@@ -15,7 +15,7 @@ from typing import Any
 
 from abfleet.errors import UserError
 from abfleet.fleet.ledger import Ledger
-from abfleet.fleet.plan import prepare, requirements
+from abfleet.fleet.plan import DEFAULT_STOP_AFTER_S, Billing, prepare, requirements
 from abfleet.fleet.rent import Rental, create_and_wait
 from abfleet.fleet.submit import register, setup, submit
 from abfleet.ops.monitor import BACKUP_FILE, read_backup_meta
@@ -64,7 +64,15 @@ def resume(
         return
     from abfleet.fleet.providers import get_provider
 
-    prepared = prepare(str(job_file), overrides)
+    old = ledger.run(run_name)
+    # The new box stops itself as the old one would have; a budget was for the first run.
+    billing = Billing(
+        stop_after_s=old.stop_after_s
+        if old and old.stop_after_s is not None
+        else DEFAULT_STOP_AFTER_S,
+        then_destroy=bool(old and old.then_destroy),
+    )
+    prepared = prepare(str(job_file), overrides, billing=billing)
     provider = get_provider(provider_name, host)
     req = requirements(prepared.sizing, None, max_price)
     new_run = f"{run_name}-r{time.strftime('%H%M%S')}"
@@ -85,7 +93,7 @@ def resume(
             box = setup(remote, say)
             register(provider, ledger, instance, box)
             submit(
-                provider.name,
+                provider,
                 instance.id,
                 box,
                 prepared,

@@ -15,6 +15,8 @@ from rich.live import Live
 from abfleet.console import console
 from abfleet.errors import AbfleetError
 from abfleet.fleet.ledger import Ledger
+from abfleet.fleet.providers import RENTED, get_provider
+from abfleet.fleet.spend import instance_spend, observe
 from abfleet.ops.dashboard import ViewInfo, render
 from abfleet.ops.monitor import RunView, Target, read_backup_meta
 
@@ -38,7 +40,34 @@ class Watcher:
             created_at=rec.created_at,
             run=target.run.name if target.run else "-",
             backup=read_backup_meta(_local(target)),
+            budget_usd=target.run.budget_usd if target.run else None,
         )
+        self.last_look = 0.0
+        self._meter()
+
+    def _meter(self, look: bool = False) -> None:
+        """Spend from the ledger's meter; when the box does not answer, ask the provider what
+        it bills now (a stopped box bills its disk, not its GPU), at most every 30 s."""
+        run = self.target.run
+        recs = [self.target.instance]
+        if run is not None:
+            found = [self.ledger.instance(run.provider, iid) for iid in run.instances]
+            recs = [r for r in found if r is not None] or recs
+        if recs[0].provider not in RENTED:
+            return
+        if look and time.time() - self.last_look > 30:
+            self.last_look = time.time()
+            try:
+                provider = get_provider(recs[0].provider)
+                for rec in recs:
+                    observe(self.ledger, rec, provider.get(rec.instance_id or ""))
+            except AbfleetError as exc:
+                log.info("could not ask the provider what the run bills: %s", exc)
+        spends = [instance_spend(self.ledger, r) for r in recs]
+        self.info.spent_usd = sum(s.usd for s in spends)
+        self.info.rate_now = sum(s.rate_now for s in spends)
+        states = {s.billing for s in spends}
+        self.info.billing = next((b for b in ("running", "stopped") if b in states), "ended")
 
     def refresh(self) -> None:
         now = time.time()
@@ -57,6 +86,7 @@ class Watcher:
                 self.ledger.update_run(self.target.run.name, state=snap["state"])
             if self.backup:
                 self.info.backup = self.runview.backup(snap)
+            self._meter()
         except (AbfleetError, OSError, EOFError, ValueError) as exc:
             self._lost(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         except Exception as exc:
@@ -64,6 +94,7 @@ class Watcher:
             self._lost(f"{type(exc).__name__}: {exc}")
 
     def _lost(self, why: str) -> None:
+        self._meter(look=True)
         self.failures += 1
         if self.info.stale_since is None:
             self.info.stale_since = time.time()

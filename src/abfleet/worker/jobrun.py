@@ -97,7 +97,9 @@ class RunOptions:
     primary: bool = True  # the primary worker exports once the study is complete
     resume: bool = False  # continue a study made by a different job spec
     create_study: bool = True  # False on workers of a shared study: the controller made it
-    should_stop: Callable[[], bool] = lambda: False
+    should_stop: Callable[[], bool] = lambda: False  # a signal: end after this trial, no export
+    # The box's budget is spent: end after this trial, and export the best trial so far.
+    out_of_budget: Callable[[], bool] = lambda: False
 
 
 @dataclass
@@ -263,7 +265,7 @@ def _run(
         settings.n_trials,
         ablator.n_layers,
         evaluate,
-        opts.should_stop,
+        lambda: opts.should_stop() or opts.out_of_budget(),
         on_trial,
         on_start=on_start,
     )
@@ -287,6 +289,14 @@ def _run(
         )
         result.state = "stopped"
         return result
+    budget = "budget reached" if opts.out_of_budget() else None
+    if budget and not trials:
+        status.update(reason=budget)
+        _set_phase(status, reporter, "stopped", "budget reached before any trial completed")
+        result.state = "stopped"
+        return result
+    if budget:
+        status.update(reason=budget)
     if not opts.primary:
         _set_phase(status, reporter, "done", "study complete; the primary worker exports")
         result.state = "done"
@@ -310,6 +320,7 @@ def _run(
             "name": job.study_name,
             "storage": redact_url(url),
             "complete": len(trials),
+            "ended_by": budget or "all trials complete",
         },
         "chosen": {**chosen, "ablation": params.to_dict()},
         "before": baseline,
@@ -329,7 +340,10 @@ def _run(
     result.model_dir = run.model_dir
     result.state = "done"
     status.update(exported=str(run.model_dir), load_check=check["answer"][:200])
-    _set_phase(status, reporter, "done", f"trial {choice.trial.number}: {choice.reason}")
+    detail = f"trial {choice.trial.number}: {choice.reason}"
+    if budget:
+        detail += f" ({budget} after {len(trials)}/{settings.n_trials} trials)"
+    _set_phase(status, reporter, "done", detail)
     return result
 
 

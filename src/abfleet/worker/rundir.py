@@ -113,6 +113,14 @@ class StatusWriter:
         }
         self.flush()
 
+    @classmethod
+    def reopen(cls, run: RunDir, worker: int) -> StatusWriter:
+        """Keep writing a status file another writer started (what it holds stays)."""
+        writer = cls.__new__(cls)
+        writer.run, writer.worker = run, worker
+        writer.data = {**run.read_status(worker), "pid": os.getpid()}
+        return writer
+
     def update(self, **fields: Any) -> None:
         self.data.update(fields)
         self.flush()

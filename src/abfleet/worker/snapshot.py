@@ -36,7 +36,37 @@ def take_snapshot(run: RunDir, log_lines: int = 20) -> dict[str, Any]:
     snap["disk"] = _disk(run.path)
     snap["output"] = _output(run)
     snap["log_tail"] = _log_tail(run, workers, log_lines)
+    snap["box"] = _box(run)
     return snap
+
+
+def _box(run: RunDir) -> dict[str, Any] | None:
+    """The box's terms (budget, grace period) and what it plans to do to itself, and when."""
+    import os
+
+    from abfleet.worker.selfstop import BoxTerms
+
+    terms = BoxTerms.from_env(os.environ, run)
+    if terms is None:
+        return None
+    box: dict[str, Any] = {
+        "instance_id": terms.instance_id,
+        "budget_usd": terms.budget_usd or None,
+        "spent_usd": round(terms.spent(), 4),
+        "stop_after_s": terms.stop_after_s,
+        "then_destroy": terms.then_destroy,
+        "can_stop_itself": terms.can_stop_itself,
+    }
+    for index in run.workers():
+        status = run.read_status(index)
+        if status.get("box_action") or status.get("box_error"):
+            box.update(
+                action=status.get("box_action"),
+                acts_at=status.get("box_acts_at"),
+                why=status.get("box_why"),
+                error=status.get("box_error"),
+            )
+    return box
 
 
 def job_info(run: RunDir) -> dict[str, Any]:

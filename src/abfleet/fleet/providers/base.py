@@ -43,6 +43,7 @@ class Offer:
     inet_down_mbps: float | None = None
     machine_id: int | None = None
     location: str = ""
+    storage_per_hour: float | None = None  # what it bills while stopped (its disk), in $/h
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Instance:
     ssh_user: str = "root"
     machine_id: int | None = None
     started_at: float | None = None
+    storage_per_hour: float | None = None  # $/h while stopped
     ports: dict[int, int] = field(default_factory=dict)  # container port -> host port
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -92,6 +94,11 @@ class Provider(Protocol):
 
     def attach_key(self, instance_id: str, public_key: str) -> None:
         """Give a running instance an SSH public key (or say why this provider cannot)."""
+        ...
+
+    def self_stop_requests(self, instance_id: str) -> dict[str, Any]:
+        """The HTTP requests ("stop", "destroy") a box sends to end its own billing, and the
+        container variable ("key_env") holding the key scoped to it; {} if it cannot."""
         ...
 
     def offers(self, req: Requirements) -> list[Offer]: ...

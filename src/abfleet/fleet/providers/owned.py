@@ -38,6 +38,9 @@ class _Owned:
     def describe_offer(self, offer: Offer) -> list[str]:
         return [f"provider {offer.provider}, offer {offer.id}"]
 
+    def self_stop_requests(self, instance_id: str) -> dict[str, Any]:
+        return {}  # a machine of the user's is never stopped by abfleet
+
     def attach_key(self, instance_id: str, public_key: str) -> None:
         raise UserError("attach-key is for Vast.ai instances")
 

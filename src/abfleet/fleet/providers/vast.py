@@ -40,6 +40,7 @@ PENDING_STATES = frozenset(
 )
 FAILED_STATES = frozenset({"exited", "offline", "unknown", "frozen", "error"})
 FAILURE_MESSAGES = ("OCI runtime create failed", "Error response from daemon", "no space left")
+HOURS_PER_MONTH = 720
 MIB_PER_GB = 1024  # Vast reports gpu_ram in MiB (24576 for a 24 GB card); its query takes GB
 
 
@@ -148,7 +149,7 @@ class VastProvider:
         rows = self._search([clause for _, clause in filters], req.disk_gb)
         if not rows:
             raise ProviderError(self._why_empty(filters, req.disk_gb))
-        offers = [self._offer(r) for r in rows]
+        offers = [self._offer(r, req.disk_gb) for r in rows]
         return sorted(offers, key=lambda o: o.price_per_hour)
 
     def _why_empty(self, filters: list[tuple[str, str]], disk_gb: float) -> str:
@@ -167,7 +168,7 @@ class VastProvider:
             previous = count
         return "no Vast.ai offers match (they changed while searching): try again"
 
-    def _offer(self, r: dict[str, Any]) -> Offer:
+    def _offer(self, r: dict[str, Any], disk_gb: float) -> Offer:
         return Offer(
             id=str(r["id"]),
             provider=self.name,
@@ -180,6 +181,7 @@ class VastProvider:
             inet_down_mbps=_float(r.get("inet_down")),
             machine_id=int(r["machine_id"]) if r.get("machine_id") is not None else None,
             location=str(r.get("geolocation") or ""),
+            storage_per_hour=_storage_rate(r.get("storage_cost"), disk_gb),
         )
 
     # -- instances --------------------------------------------------------------------------
@@ -321,6 +323,16 @@ class VastProvider:
             lambda: self.sdk.attach_ssh(instance_id=int(instance_id), ssh_key=public_key),
         )
 
+    def self_stop_requests(self, instance_id: str) -> dict[str, Any]:
+        """What the box sends to stop or destroy itself, with the instance-scoped key Vast
+        puts in the container (CONTAINER_API_KEY), the same calls as the SDK's."""
+        url = f"{self.sdk.client.server_url.rstrip('/')}/api/v0/instances/{int(instance_id)}/"
+        return {
+            "stop": {"method": "PUT", "url": url, "json": {"state": "stopped"}},
+            "destroy": {"method": "DELETE", "url": url},
+            "key_env": "CONTAINER_API_KEY",
+        }
+
     def _checked(self, what: str, fn: Callable[[], Any]) -> Any:
         answer = self._call(what, fn)
         if isinstance(answer, dict) and answer.get("success") is False:
@@ -369,6 +381,7 @@ class VastProvider:
             ssh_port=int(port) if port else None,
             machine_id=int(r["machine_id"]) if r.get("machine_id") is not None else None,
             started_at=_float(r.get("start_date")),
+            storage_per_hour=_storage_rate(r.get("storage_cost"), r.get("disk_space")),
             ports=ports,
             extra={
                 "gpu_util": r.get("gpu_util"),
@@ -391,6 +404,12 @@ def _ports(raw: Any) -> dict[int, int]:
             continue
         out[container] = host
     return out
+
+
+def _storage_rate(per_gb_month: Any, disk_gb: Any) -> float | None:
+    """$/h of a disk: Vast prices storage per GB and month (30 days), by the hour."""
+    cost, disk = _float(per_gb_month), _float(disk_gb)
+    return cost * disk / HOURS_PER_MONTH if cost is not None and disk is not None else None
 
 
 def _float(value: Any) -> float | None:
