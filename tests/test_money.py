@@ -133,6 +133,9 @@ def test_a_finished_box_stops_itself_and_download_wakes_it_and_puts_it_back(
     disk_rate = fake_vast.instances[iid]["storage_cost"] * row_disk(fake_vast, iid) / 720
     assert row["billing"] == "stopped" and row["rate_now"] == pytest.approx(disk_rate)
     assert row["spent_usd"] > 0 and row["spend_exact"] is False  # seen stopped, not told when
+    # watch: the box cannot answer (exit 1), and its meter runs at the disk's rate only.
+    watched = abfleet("watch", str(iid), "--once", "--no-backup", env={"COLUMNS": "200"})
+    assert watched.returncode == 1 and "(stopped: disk only)" in watched.stdout
     status = abfleet("status", str(iid))
     assert "stopped itself" in status.stdout and f"abfleet download {iid}" in status.stdout
 

@@ -132,7 +132,7 @@ def test_watch_reconnects_and_stop_is_guarded(fake_vast, boxes, tmp_path, tiny_m
     )
 
 
-def test_guard_rails_for_destroy(fake_vast, boxes, tiny_job):
+def test_guard_rails_for_destroy(fake_vast, boxes, tiny_job, tmp_path):
     _, iid = launched(fake_vast, boxes, tiny_job)
     ledger = Ledger()
 
@@ -150,7 +150,9 @@ def test_guard_rails_for_destroy(fake_vast, boxes, tiny_job):
     assert "instance " + iid in proc.stdout and "$/h" in proc.stdout
     unchanged()
     # Download, then a wrong id typed at the prompt changes nothing.
-    assert abfleet("download", iid).returncode == 0
+    # (to the default runs/<run>/model, under a scratch working directory)
+    assert abfleet("download", iid, cwd=tmp_path).returncode == 0
+    assert any(tmp_path.glob("runs/*/model/MANIFEST.sha256"))
     code, out = typed(["destroy", iid], "12345")
     assert code == 3 and "nothing was changed" in out
     unchanged()

@@ -120,3 +120,15 @@ def test_choice_rule_and_pareto_front():
     fallback = choose_trial(trials, kl_limit=0.001)
     assert fallback.trial.number == 0 and not fallback.within_limit
     assert [t.number for t in pareto_front(trials)] == [1, 3, 0]
+
+    # Trial 3 wins on refusals and KL, but its answers degenerate more than the original's.
+    trials[3].set_user_attr("degenerate", 4)
+    trials[2].set_user_attr("degenerate", 1)
+    sound = choose_trial(trials, kl_limit=0.5, baseline_degenerate=1)
+    assert sound.trial.number == 2
+    assert choose_trial(trials, kl_limit=0.5, baseline_degenerate=4).trial.number == 3
+    for t in trials:
+        t.set_user_attr("degenerate", 9)
+    with pytest.raises(UserError, match="degenerates more often than the original"):
+        choose_trial(trials, kl_limit=0.5, baseline_degenerate=1)
+    assert choose_trial(trials, 0.5, trial_number=3, baseline_degenerate=1).trial.number == 3

@@ -37,10 +37,15 @@ class Choice:
 
 
 def choose_trial(
-    trials: list[FrozenTrial], kl_limit: float, trial_number: int | None = None
+    trials: list[FrozenTrial],
+    kl_limit: float,
+    trial_number: int | None = None,
+    baseline_degenerate: int | None = None,
 ) -> Choice:
-    """The rule: fewest refusals among trials with KL <= kl_limit, ties by lower KL.
-    An explicit trial number overrides it."""
+    """The rule: fewest refusals among trials with KL <= kl_limit, ties by lower KL. A trial
+    whose answers degenerate more often than the unmodified model's is never chosen: fewer
+    refusals bought with broken answers is not a better model. An explicit trial number
+    overrides the rule."""
     if not trials:
         raise AbfleetError("the study has no completed trial to choose from")
     if trial_number is not None:
@@ -48,12 +53,25 @@ def choose_trial(
             if t.number == trial_number:
                 return Choice(t, f"trial {trial_number} as asked", t.values[1] <= kl_limit)
         raise UserError(f"trial {trial_number} is not a completed trial of this study")
-    eligible = [t for t in trials if t.values[1] <= kl_limit]
+    sound = trials
+    if baseline_degenerate is not None:
+        sound = [t for t in trials if _degenerate(t) <= baseline_degenerate]
+        if not sound:
+            raise UserError(
+                f"every trial degenerates more often than the original model "
+                f"({baseline_degenerate} degenerate answers): nothing is exported by the rule; "
+                "look at the front (`abfleet progress`) and export one with --trial N"
+            )
+    eligible = [t for t in sound if t.values[1] <= kl_limit]
     if eligible:
         best = min(eligible, key=lambda t: (t.values[0], t.values[1], t.number))
         return Choice(best, f"fewest refusals with KL <= {kl_limit:g}", True)
-    best = min(trials, key=lambda t: (t.values[1], t.number))
+    best = min(sound, key=lambda t: (t.values[1], t.number))
     return Choice(best, f"no trial has KL <= {kl_limit:g}: lowest KL instead", False)
+
+
+def _degenerate(t: FrozenTrial) -> int:
+    return int(t.user_attrs.get("degenerate", 0))
 
 
 def trial_row(t: FrozenTrial) -> dict[str, Any]:

@@ -72,16 +72,28 @@ def open_storage(url: str, settings: SearchSettings) -> RDBStorage:
         ) from exc
 
 
-def make_sampler(settings: SearchSettings, worker_index: int = 0) -> optuna.samplers.BaseSampler:
-    # Each worker gets its own seed, or parallel workers would propose identical startup points;
-    # the constant liar keeps TPE from proposing a point another worker is already evaluating.
+def make_sampler(
+    settings: SearchSettings, worker_index: int = 0, start: int = 0
+) -> optuna.samplers.BaseSampler:
+    """TPE seeded from the job's seed, the worker and how many trials the study held when it
+    started: parallel workers propose different startup points, and a restart or a resume on
+    another box does not replay the first trials' random points, yet the same history gives
+    the same proposals. The constant liar keeps TPE from proposing a point another worker is
+    already evaluating."""
+    seed = zlib.crc32(f"{settings.seed}/{worker_index}/{start}".encode())
     return optuna.samplers.TPESampler(
         multivariate=True,
         n_startup_trials=settings.n_startup_trials,
         n_ei_candidates=settings.n_ei_candidates,
-        seed=settings.seed + worker_index,
+        seed=seed,
         constant_liar=True,
     )
+
+
+def reseed(study: optuna.Study, settings: SearchSettings, worker_index: int) -> None:
+    """Give a loaded study the sampler for where it stands now (see make_sampler)."""
+    start = len(study.get_trials(deepcopy=False))
+    study.sampler = make_sampler(settings, worker_index, start)
 
 
 def create_or_load_study(

@@ -184,6 +184,7 @@ def _run(
         allow_mismatch=opts.resume,
         create=opts.create_study,
     )
+    search.reseed(study, settings, opts.worker_index)
     if url.startswith("sqlite") and opts.worker_index == 0 and opts.primary:
         orphans = _recover_local_orphans(study, storage, run)
         if orphans:
@@ -304,7 +305,12 @@ def _run(
 
     _set_phase(status, reporter, "exporting", "")
     t0 = time.monotonic()
-    choice = choose_trial(trials, spec.result.kl_limit, spec.result.trial)
+    choice = choose_trial(
+        trials,
+        spec.result.kl_limit,
+        spec.result.trial,
+        baseline_degenerate=(baseline or {}).get("degenerate"),
+    )
     params = search.params_from_trial(choice.trial, ablator.n_layers)
     ablator.apply(params, directions)
     chosen = {
