@@ -171,7 +171,10 @@ def wake_if_stopped(
     )
     provider.start(iid)
     ledger.meter_mark(provider.name, iid, "running")
-    inst, remote = wait_ready(provider, iid, say)
+    try:
+        inst, remote = wait_ready(provider, iid, say)
+    except BaseException as exc:  # a box that never came up, or Ctrl+C: not left at full rate
+        raise AbfleetError(f"{reason(exc)}; {stop_again(ledger, rec, provider)}") from exc
     try:
         ledger.update(rec.key, ssh_host=inst.ssh_host, ssh_port=inst.ssh_port)
         out = remote.run(["cat", f"{run_dir}/{SELF_STOP_FILE}"], timeout=60, check=False)
