@@ -171,12 +171,15 @@ class Ledger:
     def fail_create(self, key: int, note: str) -> None:
         self.update(key, state="create-failed", note=note)
 
-    def update(self, key: int, **fields: Any) -> None:
+    def _set(self, table: str, key_column: str, key: Any, fields: dict[str, Any]) -> None:
         if not fields:
             return
         cols = ", ".join(f"{k} = ?" for k in fields)
         with self._db() as db:
-            db.execute(f"UPDATE instances SET {cols} WHERE key = ?", (*fields.values(), key))
+            db.execute(f"UPDATE {table} SET {cols} WHERE {key_column} = ?", (*fields.values(), key))
+
+    def update(self, key: int, **fields: Any) -> None:
+        self._set("instances", "key", key, fields)
 
     def mark_destroyed(self, provider: str, instance_id: str) -> None:
         with self._db() as db:
@@ -240,11 +243,7 @@ class Ledger:
             )
 
     def update_run(self, name: str, **fields: Any) -> None:
-        if not fields:
-            return
-        cols = ", ".join(f"{k} = ?" for k in fields)
-        with self._db() as db:
-            db.execute(f"UPDATE runs SET {cols} WHERE name = ?", (*fields.values(), name))
+        self._set("runs", "name", name, fields)
 
     def run(self, name: str) -> RunRecord | None:
         with self._db() as db:

@@ -62,13 +62,3 @@ def observe(ledger: Ledger, rec: InstanceRecord, live: Instance | None) -> None:
     if live.storage_per_hour is not None and rec.storage_per_hour is None:
         ledger.update(rec.key, storage_per_hour=live.storage_per_hour)
         rec.storage_per_hour = live.storage_per_hour
-
-
-def run_spend(ledger: Ledger, provider: str, instance_ids: list[str]) -> float:
-    """Everything the instances of one run have cost so far."""
-    total = 0.0
-    for iid in instance_ids:
-        rec = ledger.instance(provider, iid)
-        if rec is not None:
-            total += instance_spend(ledger, rec).usd
-    return total

@@ -174,10 +174,3 @@ def _others_alive(run: RunDir, own_index: int) -> bool:
         if pid_alive(pid):
             return True
     return False
-
-
-def read_self_stop(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((run_dir / SELF_STOP_FILE).read_text())
-    except (OSError, ValueError):
-        return None

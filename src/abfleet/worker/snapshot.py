@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -42,8 +43,6 @@ def take_snapshot(run: RunDir, log_lines: int = 20) -> dict[str, Any]:
 
 def _box(run: RunDir) -> dict[str, Any] | None:
     """The box's terms (budget, grace period) and what it plans to do to itself, and when."""
-    import os
-
     from abfleet.worker.selfstop import BoxTerms
 
     terms = BoxTerms.from_env(os.environ, run)
