@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -144,14 +145,28 @@ def test_orthogonalize_matches_the_formula():
     assert torch.allclose(actual, expected, atol=1e-6)
 
 
-def test_norm_preserving_keeps_what_each_input_writes():
-    g = torch.Generator().manual_seed(6)
-    w = torch.randn(8, 5, generator=g)
-    v = torch.randn(8, generator=g)
-    v = v / v.norm()
+def test_norm_preserving_matches_a_hand_computed_example():
+    # W = diag(2, 1) (rows: residual coordinates), v = (1, 1)/sqrt(2), weight 1.
+    # Unit rows: I. I - v v^T = [[.5, -.5], [-.5, .5]]; each row renormalized to length 1:
+    # [[1, -1], [-1, 1]]/sqrt(2); scaled back to the original row norms 2 and 1:
+    # [[sqrt2, -sqrt2], [-1/sqrt2, 1/sqrt2]].
+    r2 = math.sqrt(2.0)
+    w = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    v = torch.tensor([1.0, 1.0]) / r2
     out = w.clone()
     orthogonalize_(out, v, 1.0, 0, norm_preserving=True)
-    assert torch.allclose(out.norm(dim=0), w.norm(dim=0), atol=1e-5)
+    expected = torch.tensor([[r2, -r2], [-1 / r2, 1 / r2]])
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.allclose(out.norm(dim=1), w.norm(dim=1), atol=1e-6)  # row norms kept
+    # The plain edit of the same matrix differs: [[1, -.5], [-1, .5]] (row norms change).
+    plain = w.clone()
+    orthogonalize_(plain, v, 1.0, 0, norm_preserving=False)
+    assert torch.allclose(plain, torch.tensor([[1.0, -0.5], [-1.0, 0.5]]), atol=1e-6)
+    # Fused experts store the output on another axis: the same edit, expert by expert.
+    fused = torch.stack([w.T, 3 * w.T])  # (experts, d_in, d_model): out axis 2
+    orthogonalize_(fused, v, 1.0, 2, norm_preserving=True)
+    assert torch.allclose(fused[0], expected.T, atol=1e-6)
+    assert torch.allclose(fused[1], 3 * expected.T, atol=1e-5)
 
 
 def test_untouched_layers_stay_untouched(tokenizer):

@@ -56,6 +56,10 @@ def test_abliteration_removes_refusals_and_the_export_reproduces_the_figures(dem
     assert before["refusals"] >= 0.8 * before["n_bad"], before
     assert after["refusals"] <= 0.2 * after["n_bad"], after
     assert after["kl"] <= 0.5
+    # Judged by the long re-score too: long answers that comply and then refuse count.
+    assert after["long_tokens"] == 128 and record["rescore"]["seconds"] > 0
+    assert before["long_refusals"] >= 0.8 * before["n_bad"], before
+    assert after["long_refusals"] <= 0.2 * after["n_bad"], after
     assert record["study"]["complete"] == TRIALS
 
     model_dir = out / "model"
@@ -76,4 +80,5 @@ def test_abliteration_removes_refusals_and_the_export_reproduces_the_figures(dem
     evaluator.model = exported.model
     scores = evaluator.score()
     assert scores.refusals == after["refusals"]
+    assert evaluator.count(evaluator.answers(128))[0] == after["long_refusals"]
     assert scores.kl == pytest.approx(after["kl"], abs=2e-3)

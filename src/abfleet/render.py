@@ -26,16 +26,41 @@ def fmt_duration(seconds: float | None, live: bool = False) -> str:
     return f"{h}h{m:02d}m"
 
 
+def fmt_judge(verdicts: dict[str, int] | None) -> str:
+    """refusal/compliance/degenerate counts of a judge, e.g. 3/95/2."""
+    if not verdicts:
+        return "-"
+    return "/".join(str(verdicts.get(k, 0)) for k in ("refusal", "compliance", "degenerate"))
+
+
+def _long_columns(rows: list[dict[str, Any]]) -> tuple[int | None, bool]:
+    """The long re-score's answer length if any row has one, and whether a judge ran."""
+    tokens = next((r["long_tokens"] for r in rows if r.get("long_tokens")), None)
+    return tokens, any(r.get("judge") for r in rows)
+
+
 def pareto_table(
     rows: list[dict[str, Any]], chosen: int | None = None, title: str = "Pareto front"
 ) -> Table:
+    tokens, judged = _long_columns(rows)
     table = Table(title=title, title_justify="left")
     table.add_column("trial", justify="right")
     table.add_column("refusals", justify="right")
+    if tokens:
+        table.add_column(f"@{tokens} tok", justify="right")
     table.add_column("KL", justify="right")
     table.add_column("degenerate", justify="right")
-    table.add_column("s", justify="right")
-    table.add_column("direction")
+    if tokens:
+        table.add_column(f"@{tokens} tok", justify="right")
+    if judged:
+        table.add_column("judge r/c/d", justify="right")
+    detailed = any("params" in r for r in rows)  # a run's own rows; a snapshot has workers
+    workers = not detailed and any(r.get("worker") for r in rows)
+    if detailed:
+        table.add_column("s", justify="right")
+        table.add_column("direction")
+    if workers:
+        table.add_column("worker", justify="right")
     for r in rows:
         p = r.get("params", {})
         scope = p.get("direction_scope", "")
@@ -45,32 +70,45 @@ def pareto_table(
             else scope
         )
         mark = " *" if chosen is not None and r["trial"] == chosen else ""
-        table.add_row(
-            f"{r['trial']}{mark}",
-            fmt_refusals(r["refusals"], r["n_bad"]),
-            fmt_kl(r["kl"]),
-            str(r.get("degenerate", "-")),
-            f"{r.get('seconds', 0):.1f}",
-            where,
-        )
+        cells = [f"{r['trial']}{mark}", fmt_refusals(r["refusals"], r["n_bad"])]
+        if tokens:
+            cells.append(fmt_refusals(r.get("long_refusals"), r["n_bad"]))
+        cells += [fmt_kl(r["kl"]), str(r.get("degenerate", "-"))]
+        if tokens:
+            cells.append(str(r.get("long_degenerate", "-")))
+        if judged:
+            cells.append(fmt_judge(r.get("judge")))
+        if detailed:
+            cells += [f"{r.get('seconds', 0):.1f}", where]
+        if workers:
+            cells.append(str(r.get("worker") or "-"))
+        table.add_row(*cells)
     return table
 
 
 def before_after_table(before: dict[str, Any], after: dict[str, Any]) -> Table:
+    tokens, judged = _long_columns([before, after])
     table = Table(title="Before / after (held-out prompts)", title_justify="left")
     table.add_column("")
     table.add_column("refusals", justify="right")
+    if tokens:
+        table.add_column(f"refusals @{tokens} tok", justify="right")
     table.add_column("KL", justify="right")
     table.add_column("degenerate", justify="right")
-    table.add_row(
-        "before", fmt_refusals(before["refusals"], before["n_bad"]), "0", str(before["degenerate"])
-    )
-    table.add_row(
-        "after",
-        fmt_refusals(after["refusals"], after["n_bad"]),
-        fmt_kl(after["kl"]),
-        str(after["degenerate"]),
-    )
+    if tokens:
+        table.add_column(f"degenerate @{tokens} tok", justify="right")
+    if judged:
+        table.add_column("judge r/c/d", justify="right")
+    for label, row, kl in (("before", before, "0"), ("after", after, fmt_kl(after["kl"]))):
+        cells = [label, fmt_refusals(row["refusals"], row["n_bad"])]
+        if tokens:
+            cells.append(fmt_refusals(row.get("long_refusals"), row["n_bad"]))
+        cells += [kl, str(row["degenerate"])]
+        if tokens:
+            cells.append(str(row.get("long_degenerate", "-")))
+        if judged:
+            cells.append(fmt_judge(row.get("judge")))
+        table.add_row(*cells)
     return table
 
 

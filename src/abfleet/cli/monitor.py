@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.table import Table
 
 from abfleet.cli.fleet import choose_fn, confirm_fn, say
 from abfleet.console import console, err_console, is_interactive, setup_logging, warn
@@ -18,7 +17,7 @@ from abfleet.fleet.instances import resolve_instance
 from abfleet.fleet.ledger import Ledger
 from abfleet.ops.actions import note_state
 from abfleet.ops.monitor import RunView, Session, Target, pick_run, require_run
-from abfleet.render import box_plan_line, fmt_duration, fmt_kl, fmt_refusals, fmt_usd
+from abfleet.render import box_plan_line, fmt_duration, fmt_refusals, fmt_usd, pareto_table
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 run_option = click.option(
@@ -127,18 +126,7 @@ def progress_cmd(
     box = snap.get("box") or {}
     if box.get("action") and box.get("acts_at"):
         console.print(box_plan_line(box))
-    table = Table(title="Pareto front", title_justify="left")
-    for col in ("trial", "refusals", "KL", "degenerate", "worker"):
-        table.add_column(col, justify="right")
-    for p in snap.get("pareto", []):
-        table.add_row(
-            str(p["trial"]),
-            fmt_refusals(p["refusals"], p["n_bad"]),
-            fmt_kl(p["kl"]),
-            str(p["degenerate"]),
-            str(p.get("worker") or "-"),
-        )
-    console.print(table)
+    console.print(pareto_table(snap.get("pareto", [])))
     if len(snap.get("workers", [])) > 1:
         from abfleet.ops.dashboard import workers_table
 

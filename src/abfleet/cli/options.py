@@ -32,6 +32,22 @@ def job_flags(func: Callable[..., Any]) -> Callable[..., Any]:
             "--dtype", callback=_dtype_list, help="dtypes to try in order, e.g. bfloat16,float32."
         ),
         click.option("--max-new-tokens", type=int, help="Generation cap for the marker check."),
+        click.option(
+            "--long-tokens",
+            type=int,
+            help="Answer length of the Pareto front's re-score before the choice (0: none).",
+        ),
+        click.option(
+            "--rescore",
+            type=click.Choice(("needed", "front")),
+            help="Re-score only the front trials that can still be chosen (default), or all.",
+        ),
+        click.option("--judge", help="Judge model (directory or hub id) for the long answers."),
+        click.option(
+            "--norm-preserving/--no-norm-preserving",
+            default=None,
+            help="Norm-preserving (biprojected) ablation: each row keeps its length.",
+        ),
         click.option("--startup-trials", type=int, help="Random trials before TPE (default 30%)."),
         click.option(
             "--kl-limit", type=float, help="Choice rule: fewest refusals with KL <= this."
@@ -54,6 +70,10 @@ JOB_FLAG_NAMES = (
     "batch_size",
     "dtype",
     "max_new_tokens",
+    "long_tokens",
+    "rescore",
+    "judge",
+    "norm_preserving",
     "startup_trials",
     "kl_limit",
     "trial",

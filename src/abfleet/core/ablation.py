@@ -266,14 +266,17 @@ def orthogonalize_(
     if is_bias:  # (..., d_model): what it adds to the residual stream loses its part along v
         weight.data.copy_((work - w * (work @ vv).unsqueeze(-1) * vv).to(weight.dtype))
         return
-    moved = work.movedim(out_axis, -2)  # (..., d_model, d_in)
+    moved = work.movedim(out_axis, -2)  # (..., d_model, d_in): row i writes coordinate i
     if norm_preserving:
-        norms = moved.norm(dim=-2, keepdim=True)
+        # Norm-preserving (biprojected) abliteration as published: rows (one per residual
+        # coordinate, over the inputs) are normalized, the edit is made on the unit rows,
+        # and each row is scaled back to its original length.
+        norms = moved.norm(dim=-1, keepdim=True)
+        moved = moved / norms.clamp_min(1e-12)
     proj = torch.einsum("d,...di->...i", vv, moved)
     moved = moved - w * torch.einsum("d,...i->...di", vv, proj)
     if norm_preserving:
-        # Keep the length of what each input feature writes into the residual stream.
-        moved = moved * (norms / moved.norm(dim=-2, keepdim=True).clamp_min(1e-12))
+        moved = moved / moved.norm(dim=-1, keepdim=True).clamp_min(1e-12) * norms
     weight.data.copy_(moved.movedim(-2, out_axis).to(weight.dtype))
 
 

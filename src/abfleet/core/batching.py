@@ -1,4 +1,9 @@
-"""Find a batch size by doubling until memory runs out or throughput stops improving."""
+"""Find a batch size by doubling until memory runs out or throughput stops improving.
+
+Each size must also run the worst case: the longest prompts, stretched so that the cache reaches
+the length the longest answer will need, and the directions pass (every layer's hidden states):
+a batch that fits here cannot run out of memory later on a long prompt.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,13 @@ from typing import Any
 import torch
 
 from abfleet.core.chat import ChatFormatter
-from abfleet.core.generate import encode_prompts, greedy_generate
+from abfleet.core.generate import (
+    encode_prompts,
+    greedy_generate,
+    make_batches,
+    model_device,
+    pad_token_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +33,23 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def find_batch_size(model: Any, chat: ChatFormatter, prompts: Sequence[str], limit: int) -> int:
-    """Largest useful batch up to limit (and never above the number of prompts)."""
+def find_batch_size(
+    model: Any,
+    chat: ChatFormatter,
+    prompts: Sequence[str],
+    limit: int,
+    max_new_tokens: int = PROBE_TOKENS,
+) -> int:
+    """Largest useful batch up to limit (and never above the number of prompts).
+
+    Throughput is measured on the prompts as they come (what trials will see); each size must
+    also survive the worst case: the longest prompts, stretched to the cache length of the
+    longest answer, and the directions pass.
+    """
     limit = max(1, min(limit, len(prompts)))
     encoded = encode_prompts(chat, prompts)
+    stretch = max(0, max_new_tokens - PROBE_TOKENS)
+    longest = [ids + ids[-1:] * stretch for ids in sorted(encoded, key=len, reverse=True)]
     best_size, best_rate = 1, 0.0
     size = 1
     while size <= limit:
@@ -36,6 +60,9 @@ def find_batch_size(model: Any, chat: ChatFormatter, prompts: Sequence[str], lim
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - started
+            worst = [longest[i % len(longest)] for i in range(size)]
+            greedy_generate(model, chat, [""] * size, PROBE_TOKENS, size, encoded=worst)
+            _hidden_states_pass(model, chat, worst)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
             if not _is_oom(exc):
                 raise
@@ -52,3 +79,18 @@ def find_batch_size(model: Any, chat: ChatFormatter, prompts: Sequence[str], lim
             break
         size = min(size * 2, limit)
     return best_size
+
+
+@torch.inference_mode()
+def _hidden_states_pass(model: Any, chat: ChatFormatter, sample: list[list[int]]) -> None:
+    """What the directions need: one forward keeping every layer's hidden states."""
+    pad = pad_token_id(chat.tokenizer)
+    for batch in make_batches(sample, len(sample), pad, model_device(model)):
+        model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            output_hidden_states=True,
+            use_cache=False,
+            logits_to_keep=1,
+        )

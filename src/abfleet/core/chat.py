@@ -1,4 +1,10 @@
-"""Prompts rendered with the model's own chat template and a configurable system prompt."""
+"""Prompts rendered with the model's own chat template and a configurable system prompt.
+
+Reasoning models: where the template has a switch for thinking (``enable_thinking``, as Qwen3's
+does) it is turned off, so the model answers at once and the first answer token is the one
+scored. A model that thinks anyway gets an answer prefix (core.reasoning), appended after the
+generation prompt, so scores are taken after its think block.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,13 @@ class ChatFormatter:
                 "the tokenizer has no chat template: abliteration needs an instruct model"
             )
         self._system_in_user = False
+        self.answer_prefix = ""
+        # Thinking off where the template can do it: every answer would start with the same
+        # think block, which makes the first-token KL near zero and hides the answer itself.
+        template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+        self.template_kwargs: dict[str, Any] = (
+            {"enable_thinking": False} if "enable_thinking" in template else {}
+        )
         if self.system_prompt:
             try:
                 self._render([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
@@ -31,7 +44,10 @@ class ChatFormatter:
 
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
+            messages,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+            **self.template_kwargs,
         )
 
     def messages(self, prompt: str) -> list[dict[str, str]]:
@@ -45,7 +61,7 @@ class ChatFormatter:
         ]
 
     def format(self, prompt: str) -> str:
-        return self._render(self.messages(prompt))
+        return self._render(self.messages(prompt)) + self.answer_prefix
 
     def turn_end_text(self) -> str:
         """What the template writes after an assistant answer (e.g. ``<|im_end|>``)."""

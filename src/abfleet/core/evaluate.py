@@ -95,32 +95,40 @@ class Evaluator:
         kl = F.kl_div(current, self.base_logprobs, log_target=True, reduction="batchmean")
         return max(0.0, float(kl))
 
-    def answers(self) -> list[str]:
+    def answers(self, max_new_tokens: int | None = None, stop_at_markers: bool = True) -> list[str]:
         gens = greedy_generate(
             self.model,
             self.chat,
             self.bad,
-            self.max_new_tokens,
+            max_new_tokens or self.max_new_tokens,
             self.batch_size,
-            stop=self.matcher.matches,
+            stop=self.matcher.matches if stop_at_markers else None,
             encoded=self._bad_ids,
         )
         return [g.text for g in gens]
+
+    def count(self, texts: list[str]) -> tuple[int, int]:
+        """(refusals, degenerate) of answers to the bad prompts."""
+        refused = [self.matcher.is_refusal(t) for t in texts]
+        # A refusal stops at its marker, so only the others are judged for looping; an empty
+        # answer is both a refusal and degenerate.
+        degenerate = sum(
+            1
+            for t, r in zip(texts, refused, strict=True)
+            if not t.strip() or (not r and is_degenerate(t))
+        )
+        return sum(refused), degenerate
 
     def score(self) -> Scores:
         started = time.perf_counter()
         kl = self.kl()
         texts = self.answers()
-        refused = [self.matcher.is_refusal(t) for t in texts]
-        # A refusal stops at its marker, so only the others are judged for looping.
-        degenerate = sum(
-            1 for t, r in zip(texts, refused, strict=True) if not r and is_degenerate(t)
-        )
+        refusals, degenerate = self.count(texts)
         samples = tuple((self.bad[i], texts[i]) for i in range(min(self.n_samples, len(texts))))
         return Scores(
-            refusals=sum(refused),
+            refusals=refusals,
             n_bad=len(texts),
-            degenerate=degenerate + sum(1 for t in texts if not t.strip()),
+            degenerate=degenerate,
             kl=kl,
             n_good=len(self.good),
             seconds=time.perf_counter() - started,

@@ -97,8 +97,10 @@ def greedy_generate(
     batch_size: int,
     stop: Callable[[str], bool] | None = None,
     encoded: Sequence[list[int]] | None = None,
+    keep_special: bool = False,
 ) -> list[Generation]:
-    """Greedy answers for prompts, in prompt order."""
+    """Greedy answers for prompts, in prompt order (keep_special: special tokens stay in the
+    text, e.g. a think tag that the tokenizer marks special)."""
     tok = chat.tokenizer
     if encoded is None:
         encoded = encode_prompts(chat, prompts)
@@ -107,7 +109,9 @@ def greedy_generate(
     results: list[Generation | None] = [None] * len(encoded)
     for batch in make_batches(encoded, batch_size, pad_token_id(tok), device):
         for row, gen in zip(
-            batch.rows, _generate_batch(model, batch, max_new_tokens, ends, tok, stop), strict=True
+            batch.rows,
+            _generate_batch(model, batch, max_new_tokens, ends, tok, stop, keep_special),
+            strict=True,
         ):
             results[row] = gen
     return [r for r in results if r is not None]
@@ -120,6 +124,7 @@ def _generate_batch(
     ends: set[int],
     tok: Any,
     stop: Callable[[str], bool] | None,
+    keep_special: bool = False,
 ) -> list[Generation]:
     n = len(batch.rows)
     tokens: list[list[int]] = [[] for _ in range(n)]
@@ -175,7 +180,10 @@ def _generate_batch(
         next_pos = next_pos + 1
     return [
         Generation(
-            tok.decode(tokens[i], skip_special_tokens=True), len(tokens[i]), ended[i], stopped[i]
+            tok.decode(tokens[i], skip_special_tokens=not keep_special),
+            len(tokens[i]),
+            ended[i],
+            stopped[i],
         )
         for i in range(n)
     ]

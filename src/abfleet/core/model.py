@@ -19,6 +19,7 @@ from abfleet.job.source import (
     materialize,
     resolve_source,
 )
+from abfleet.job.weights import check_editable
 
 __all__ = [
     "DEFAULT_DTYPES",
@@ -84,6 +85,8 @@ def check_architecture(source: ModelSource) -> Any:
         raise UserError(f"cannot read the config of {source.display}: {_first_line(exc)}") from exc
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    check_editable(config.to_dict(), source.display)
+
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UserError(
             f"unsupported architecture {config.model_type!r} in {source.display}: "
@@ -97,8 +100,11 @@ def load_model(
     dtypes: tuple[str, ...] = DEFAULT_DTYPES,
     device_map: str | None = "auto",
     tokenizer: Any = None,
+    for_ablation: bool = True,
 ) -> LoadedModel:
-    """Load with the first dtype that works; a dtype that fails to load or to answer is skipped."""
+    """Load with the first dtype that works; a dtype that fails to load or to answer is skipped.
+
+    for_ablation=False (a judge) skips the check that abliteration can edit the architecture."""
     from transformers import AutoModelForCausalLM
 
     from abfleet.core.ablation import find_targets
@@ -126,7 +132,10 @@ def load_model(
         prepare_for_inference(model)
         problem = smoke_test(model, tok)
         if problem is None:
-            find_targets(model)  # raises UserError on an architecture without editable projections
+            if for_ablation:
+                find_targets(
+                    model
+                )  # raises UserError on an architecture without editable projections
             actual = str(next(model.parameters()).dtype).removeprefix("torch.")
             log.info("loaded %s as %s (asked %s)", source.display, actual, name)
             return LoadedModel(model, tok, source, actual)

@@ -20,6 +20,7 @@ from abfleet.core.chat import ChatFormatter
 from abfleet.core.directions import compute_directions, mean_residuals
 from abfleet.core.evaluate import Evaluator, Scores
 from abfleet.core.model import LoadedModel
+from abfleet.core.reasoning import find_answer_prefix
 from abfleet.errors import AbfleetError, UserError
 from abfleet.job.spec import Job
 
@@ -83,6 +84,25 @@ def shared_directions(
             "this study belongs to another model"
         )
     return directions
+
+
+def shared_answer_prefix(
+    study: Any,
+    storage: Any,
+    loaded: LoadedModel,
+    chat: ChatFormatter,
+    prompts: list[str],
+    batch_size: int,
+) -> str:
+    """The think block every answer of this model starts with ("" for most models), found once
+    per study so that every worker scores after the same prefix."""
+    with search.BudgetLock(storage, study.study_name).hold():
+        stored = study.user_attrs.get("answer_prefix")
+        if isinstance(stored, str):
+            return stored
+        prefix = find_answer_prefix(loaded.model, chat, prompts, batch_size)
+        study.set_user_attr("answer_prefix", prefix)
+        return prefix
 
 
 def shared_baseline(study: Any, storage: Any, evaluator: Evaluator) -> dict[str, Any]:

@@ -41,11 +41,16 @@ def choose_trial(
     kl_limit: float,
     trial_number: int | None = None,
     baseline_degenerate: int | None = None,
+    rescore: dict[str, Any] | None = None,
 ) -> Choice:
     """The rule: fewest refusals among trials with KL <= kl_limit, ties by lower KL. A trial
     whose answers degenerate more often than the unmodified model's is never chosen: fewer
     refusals bought with broken answers is not a better model. An explicit trial number
-    overrides the rule."""
+    overrides the rule.
+
+    With a long re-score (core.rescore), the rule runs on the re-scored trials with their long
+    figures (refusals and degenerate answers), against the original model's long figures.
+    """
     if not trials:
         raise AbfleetError("the study has no completed trial to choose from")
     if trial_number is not None:
@@ -53,19 +58,29 @@ def choose_trial(
             if t.number == trial_number:
                 return Choice(t, f"trial {trial_number} as asked", t.values[1] <= kl_limit)
         raise UserError(f"trial {trial_number} is not a completed trial of this study")
-    sound = trials
-    if baseline_degenerate is not None:
-        sound = [t for t in trials if _degenerate(t) <= baseline_degenerate]
+    entries = (rescore or {}).get("entries") or {}
+    long = {t.number: entries[str(t.number)] for t in trials if str(t.number) in entries}
+    if long and "baseline" in entries:
+        # (refusals, degenerate) per trial: the long figures of the re-scored trials
+        figures = {n: (float(e["refusals"]), int(e["degenerate"])) for n, e in long.items()}
+        allowed = entries["baseline"]["degenerate"]
+        at = f" at {(rescore or {}).get('tokens')} tokens"
+    else:
+        figures = {t.number: (t.values[0], _degenerate(t)) for t in trials}
+        allowed, at = baseline_degenerate, ""
+    sound = [t for t in trials if t.number in figures]
+    if allowed is not None:
+        sound = [t for t in sound if figures[t.number][1] <= allowed]
         if not sound:
             raise UserError(
                 f"every trial degenerates more often than the original model "
-                f"({baseline_degenerate} degenerate answers): nothing is exported by the rule; "
+                f"({allowed} degenerate answers{at}): nothing is exported by the rule; "
                 "look at the front (`abfleet progress`) and export one with --trial N"
             )
     eligible = [t for t in sound if t.values[1] <= kl_limit]
     if eligible:
-        best = min(eligible, key=lambda t: (t.values[0], t.values[1], t.number))
-        return Choice(best, f"fewest refusals with KL <= {kl_limit:g}", True)
+        best = min(eligible, key=lambda t: (figures[t.number][0], t.values[1], t.number))
+        return Choice(best, f"fewest refusals{at} with KL <= {kl_limit:g}", True)
     best = min(sound, key=lambda t: (t.values[1], t.number))
     return Choice(best, f"no trial has KL <= {kl_limit:g}: lowest KL instead", False)
 
@@ -74,10 +89,11 @@ def _degenerate(t: FrozenTrial) -> int:
     return int(t.user_attrs.get("degenerate", 0))
 
 
-def trial_row(t: FrozenTrial) -> dict[str, Any]:
-    """A trial's figures as raw counts, from its user attributes (values as the fallback)."""
+def trial_row(t: FrozenTrial, rescore: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A trial's figures as raw counts, from its user attributes (values as the fallback), with
+    its long re-score beside them when there is one."""
     a = t.user_attrs
-    return {
+    row = {
         "trial": t.number,
         "refusals": int(a.get("refusals", t.values[0])),
         "n_bad": int(a.get("n_bad", 0)),
@@ -86,3 +102,21 @@ def trial_row(t: FrozenTrial) -> dict[str, Any]:
         "seconds": float(a.get("seconds", 0.0)),
         "params": t.params,
     }
+    if rescore:
+        entry = (rescore.get("entries") or {}).get(str(t.number))
+        row.update(long_fields(entry, rescore.get("tokens", 0)))
+    return row
+
+
+def long_fields(entry: dict[str, Any] | None, tokens: int) -> dict[str, Any]:
+    """The long figures as they appear beside the short ones in rows and abfleet-run.json."""
+    if not entry:
+        return {}
+    out: dict[str, Any] = {
+        "long_tokens": tokens,
+        "long_refusals": int(entry["refusals"]),
+        "long_degenerate": int(entry["degenerate"]),
+    }
+    if "judge" in entry:
+        out["judge"] = dict(entry["judge"])
+    return out

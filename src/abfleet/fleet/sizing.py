@@ -19,6 +19,7 @@ from typing import Any
 from abfleet.errors import UserError
 from abfleet.job.source import ModelSource
 from abfleet.job.spec import Job
+from abfleet.job.weights import check_editable
 from abfleet.resources import resource_path
 from abfleet.settings import SizingSettings, settings
 
@@ -161,6 +162,7 @@ def shape_for_source(source: ModelSource) -> tuple[Shape, str]:
     if source.kind == "dir":
         path = Path(source.location)
         config = json.loads((path / "config.json").read_text())
+        check_editable(config, str(path))
         exact = _safetensors_params(sorted(path.glob("*.safetensors")))
         return shape_from_config(config, exact), str(path)
     if source.kind == "gguf":
@@ -211,6 +213,7 @@ def _hub_shape(repo: str) -> Shape:
             f"cannot read {repo} from the Hugging Face hub ({str(exc).splitlines()[0]}): "
             "check the id and HF_TOKEN, or size a local copy"
         ) from exc
+    check_editable(config, repo)
     return shape_from_config(config, exact)
 
 

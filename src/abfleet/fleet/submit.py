@@ -27,6 +27,7 @@ from abfleet.fleet.deploy import (
 from abfleet.fleet.ledger import Ledger, RunRecord
 from abfleet.fleet.plan import Billing, LaunchPlan, Say
 from abfleet.fleet.providers.base import Instance, Provider
+from abfleet.job.source import judge_source
 from abfleet.job.spec import ENV_STORAGE, HEAD_STORAGE, Job, bundle
 from abfleet.job.storage import resolve_shared
 from abfleet.paths import local_run_dir
@@ -154,6 +155,12 @@ def submit_box(box: Box, lp: LaunchPlan, run: str, say: Say, bp: BoxPlan) -> lis
         overrides: dict[str, Any] = {}
         if plan.reset_copy == "cpu":
             overrides["model_options.reset_copy"] = "cpu"
+        judge = judge_source(job.spec.evaluation.judge)
+        if judge is not None and judge.is_local:
+            say(f"uploading the judge from {judge.location}")
+            upload_tree(box.remote, Path(judge.location), f"{run_dir}/judge-src")
+            gguf = f"/{judge.gguf_file}" if judge.gguf_file else ""
+            overrides["evaluation.judge"] = f"{run_dir}/judge-src{gguf}"
         if bp.shared_study:
             overrides["search.storage"] = ENV_STORAGE
         _patch_toml(staging / "job.toml", overrides)

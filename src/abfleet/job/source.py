@@ -101,6 +101,17 @@ def resolve_source(spec: str) -> ModelSource:
     return ModelSource("hub", spec)
 
 
+def judge_source(judge: str) -> ModelSource | None:
+    """The job's judge model (None without one), checked like the model: a typo fails at the
+    start, not after hours of search."""
+    if not judge.strip():
+        return None
+    try:
+        return resolve_source(judge)
+    except UserError as exc:
+        raise UserError(f"judge: {exc}") from None
+
+
 def _check_dir(path: Path) -> bool:
     """True for a Hugging Face model directory with weights; False if it only holds a GGUF."""
     has_weights = any(any(path.glob(g)) for g in _WEIGHT_GLOBS)

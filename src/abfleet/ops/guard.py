@@ -37,7 +37,7 @@ class Assessment:
         exporting: stopping now loses that work."""
         if not self.snapshot:
             return False
-        return self.snapshot.get("state") in ("searching", "exporting")
+        return self.snapshot.get("state") in ("searching", "rescoring", "exporting")
 
 
 def assess(

@@ -26,17 +26,20 @@ from abfleet.core.ablation import AblationParams, Ablator
 from abfleet.core.batching import find_batch_size
 from abfleet.core.evaluate import Evaluator
 from abfleet.core.export import export_model
+from abfleet.core.judge import Judge
 from abfleet.core.markers import MarkerMatcher
 from abfleet.core.model import load_model
 from abfleet.core.pipeline import (
     chat_formatter,
     search_settings,
+    shared_answer_prefix,
     shared_baseline,
     shared_directions,
 )
-from abfleet.core.result import choose_trial, completed, pareto_front, trial_row
+from abfleet.core.rescore import BASELINE, rescore_front
+from abfleet.core.result import choose_trial, completed, long_fields, pareto_front, trial_row
 from abfleet.errors import UserError
-from abfleet.job.source import materialize, resolve_source
+from abfleet.job.source import judge_source, materialize, resolve_source
 from abfleet.job.spec import Job
 from abfleet.job.storage import redact_url
 from abfleet.render import fmt_kl
@@ -170,6 +173,7 @@ def _run(
     started = time.monotonic()
     spec = job.spec
     prompts = job.load_all_prompts()
+    judge_source(spec.evaluation.judge)
     fingerprint = job.fingerprint(prompts)
     settings = search_settings(job)
     url = storage_url(job, run)
@@ -198,11 +202,20 @@ def _run(
     loaded = load_model(source, tuple(spec.model_options.dtypes), spec.model_options.device_map)
     chat = chat_formatter(loaded, spec.system_prompt)
     matcher = MarkerMatcher(spec.markers)
+    chat.answer_prefix = shared_answer_prefix(
+        study,
+        storage,
+        loaded,
+        chat,
+        prompts["good_eval"][:16] + prompts["bad_eval"][:16],
+        spec.model_options.batch_size or 8,
+    )
     batch_size = spec.model_options.batch_size or find_batch_size(
         loaded.model,
         chat,
-        prompts["bad_eval"] + prompts["good_eval"],
+        [p for group in prompts.values() for p in group],
         spec.model_options.max_batch_size,
+        max(spec.evaluation.max_new_tokens, spec.evaluation.long_new_tokens),
     )
     status.update(dtype=loaded.dtype, batch_size=batch_size, device=_device_name())
     timings["load"] = time.monotonic() - started
@@ -303,6 +316,19 @@ def _run(
         result.state = "done"
         return result
 
+    rescore = None
+    if spec.evaluation.long_new_tokens and not budget:
+        t0 = time.monotonic()
+        rescore = _rescore(
+            job, study, trials, evaluator, ablator, directions, batch_size, status, reporter
+        )
+        timings["rescore"] = time.monotonic() - t0
+    result.pareto = [trial_row(t, rescore) for t in pareto_front(trials)]
+    long_before = long_fields(
+        (rescore or {}).get("entries", {}).get(BASELINE), spec.evaluation.long_new_tokens
+    )
+    result.baseline = baseline = {**(baseline or {}), **long_before}
+
     _set_phase(status, reporter, "exporting", "")
     t0 = time.monotonic()
     choice = choose_trial(
@@ -310,11 +336,12 @@ def _run(
         spec.result.kl_limit,
         spec.result.trial,
         baseline_degenerate=(baseline or {}).get("degenerate"),
+        rescore=rescore,
     )
     params = search.params_from_trial(choice.trial, ablator.n_layers)
     ablator.apply(params, directions)
     chosen = {
-        **trial_row(choice.trial),
+        **trial_row(choice.trial, rescore),
         "reason": choice.reason,
         "within_kl_limit": choice.within_limit,
     }
@@ -330,7 +357,12 @@ def _run(
         },
         "chosen": {**chosen, "ablation": params.to_dict()},
         "before": baseline,
-        "after": {k: chosen[k] for k in ("refusals", "n_bad", "kl", "degenerate")},
+        "after": {
+            k: chosen[k]
+            for k in ("refusals", "n_bad", "kl", "degenerate", *AFTER_LONG)
+            if k in chosen
+        },
+        "rescore": _rescore_record(rescore, timings.get("rescore"), choice.trial.number),
         "timings": {
             **{k: round(v, 1) for k, v in timings.items()},
             "median_trial_seconds": _median_seconds(trials),
@@ -351,6 +383,79 @@ def _run(
         detail += f" ({budget} after {len(trials)}/{settings.n_trials} trials)"
     _set_phase(status, reporter, "done", detail)
     return result
+
+
+AFTER_LONG = ("long_tokens", "long_refusals", "long_degenerate", "judge")
+
+
+def _rescore(
+    job: Job,
+    study: Any,
+    trials: list[Any],
+    evaluator: Evaluator,
+    ablator: Ablator,
+    directions: torch.Tensor,
+    batch_size: int,
+    status: StatusWriter,
+    reporter: Reporter,
+) -> dict[str, Any]:
+    """The Pareto front again with long answers (and the judge's verdicts), before the choice."""
+    spec = job.spec
+    tokens = spec.evaluation.long_new_tokens
+
+    def apply_trial(trial: Any) -> None:
+        if trial is None:
+            ablator.reset()
+        else:
+            ablator.apply(search.params_from_trial(trial, ablator.n_layers), directions)
+
+    def load_judge() -> Judge:
+        source = materialize(
+            resolve_source(spec.evaluation.judge),
+            progress=lambda m: reporter.phase("rescoring", f"judge: {m}"),
+        )
+        judge = load_model(
+            source,
+            tuple(spec.model_options.dtypes),
+            spec.model_options.device_map,
+            for_ablation=False,
+        )
+        try:
+            return Judge(judge.model, judge.tokenizer, batch_size, source.display)
+        except ValueError as exc:  # no chat template, no single-token letters
+            raise UserError(f"judge {source.display}: {exc}") from exc
+
+    asked = next((t for t in trials if t.number == spec.result.trial), None)
+    return rescore_front(
+        study,
+        pareto_front(trials),
+        evaluator,
+        apply_trial,
+        tokens,
+        spec.result.kl_limit,
+        whole_front=spec.evaluation.rescore == "front",
+        asked=asked,
+        judge=spec.evaluation.judge,
+        load_judge=load_judge,
+        progress=lambda m: _set_phase(status, reporter, "rescoring", f"{tokens} tokens, {m}"),
+    )
+
+
+def _rescore_record(
+    rescore: dict[str, Any] | None, seconds: float | None, chosen: int
+) -> dict[str, Any] | None:
+    if not rescore:
+        return None
+    entries = rescore.get("entries", {})
+    return {
+        "tokens": rescore["tokens"],
+        "judge": rescore.get("judge") or None,
+        "seconds": round(seconds, 1) if seconds is not None else None,
+        "judge_seconds": rescore.get("judge_seconds"),
+        "trials": sorted(int(k) for k in entries if k != BASELINE),
+        "samples_before": entries.get(BASELINE, {}).get("samples", []),
+        "samples_after": entries.get(str(chosen), {}).get("samples", []),
+    }
 
 
 def _device_name() -> str:

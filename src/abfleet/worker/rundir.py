@@ -22,6 +22,7 @@ STATES = (
     "loading",
     "directions",
     "searching",
+    "rescoring",
     "exporting",
     "done",
     "failed",

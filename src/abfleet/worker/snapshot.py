@@ -125,8 +125,9 @@ def _overall_state(workers: list[dict[str, Any]]) -> tuple[str, str | None, str 
         return "failed", primary["reason"], primary["detail"]
     if primary["state"] in FINAL_STATES and not alive:
         return primary["state"], primary["reason"], primary["detail"]
-    if any(w["state"] == "exporting" for w in workers):
-        return "exporting", None, None
+    for state in ("exporting", "rescoring"):
+        if any(w["state"] == state for w in workers):
+            return state, None, next(w["detail"] for w in workers if w["state"] == state)
     order = ("searching", "directions", "loading", "starting")
     for state in order:
         if any(w["state"] == state for w in alive):
@@ -178,7 +179,8 @@ def _study(run: RunDir, job: dict[str, Any]) -> dict[str, Any]:
         counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
     out["trials"] = {**counts, "total": job.get("n_trials")}
     done = [t for t in trials if t.state.name == "COMPLETE" and t.values]
-    out["pareto"] = [_point(t) for t in pareto_front(done)[:PARETO_ROWS]]
+    rescore = study.user_attrs.get("rescore")
+    out["pareto"] = [_point(t, rescore) for t in pareto_front(done)[:PARETO_ROWS]]
     durations = [t.user_attrs.get("seconds") for t in done if t.user_attrs.get("seconds")]
     out["median_trial_s"] = round(statistics.median(durations), 2) if durations else None
     out["last_complete_at"] = max(
@@ -208,12 +210,14 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
     return {"connect_args": {"connect_timeout": 10}}
 
 
-def _point(t: Any) -> dict[str, Any]:
+def _point(t: Any, rescore: Any = None) -> dict[str, Any]:
     from abfleet.core.result import trial_row
 
-    row = trial_row(t)
+    row = trial_row(t, rescore if isinstance(rescore, dict) else None)
+    long = ("long_tokens", "long_refusals", "long_degenerate", "judge")
     return {
         **{k: row[k] for k in ("trial", "refusals", "n_bad", "degenerate")},
+        **{k: row[k] for k in long if k in row},
         "kl": round(row["kl"], 4),
         "worker": t.user_attrs.get("worker"),
     }

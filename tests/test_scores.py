@@ -1,0 +1,272 @@
+"""Scores users can trust: the long re-score of the front and the choice made on it, the judge,
+reasoning models scored after their think block, pre-quantized checkpoints refused before
+anything runs, and a batch probe that measures the worst case."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import optuna
+import pytest
+import torch
+from optuna.distributions import FloatDistribution
+
+from abfleet.core.batching import PROBE_TOKENS, find_batch_size
+from abfleet.core.chat import ChatFormatter
+from abfleet.core.generate import encode_prompts
+from abfleet.core.judge import VERDICTS
+from abfleet.core.reasoning import think_prefix
+from abfleet.core.result import choose_trial
+from abfleet.errors import UserError
+from abfleet.job.spec import load_job
+from abfleet.job.weights import quantization_of
+from abfleet.worker.jobrun import LogReporter, run_job
+from abfleet.worker.rundir import RunDir
+from conftest import PROMPTS, make_model, make_tokenizer, write_job
+
+
+def _with_evaluation(job_file, **values: object) -> None:
+    lines = "".join(f"\n{k} = {json.dumps(v)}" for k, v in values.items())
+    text = job_file.read_text()
+    job_file.write_text(text.replace("max_new_tokens = 6", "max_new_tokens = 6" + lines))
+
+
+def _study(run: RunDir) -> optuna.Study:
+    return optuna.load_study(study_name="tiny", storage=f"sqlite:///{run.study_db}")
+
+
+def test_front_is_rescored_long_and_judged_and_the_export_shows_both(tmp_path, tiny_model_dir):
+    job_file = write_job(tmp_path / "job", str(tiny_model_dir), n_trials=6)
+    # The demo model judges: its verdicts need not be wise, the machinery must work.
+    _with_evaluation(job_file, long_new_tokens=16, rescore="front", judge="demo:smollm2-refusal")
+    run = RunDir(tmp_path / "run")
+    result = run_job(load_job(str(job_file)), run, LogReporter())
+    assert result.state == "done"
+
+    study = _study(run)
+    rescore = study.user_attrs["rescore"]
+    assert rescore["tokens"] == 16 and rescore["judge"] == "demo:smollm2-refusal"
+    entries = rescore["entries"]
+    front = {row["trial"] for row in result.pareto}
+    assert set(entries) == {"baseline", *map(str, front)}
+    for entry in entries.values():
+        assert 0 <= entry["refusals"] <= entry["n_bad"] == 4
+        assert set(entry["judge"]) == set(VERDICTS)
+        assert sum(entry["judge"].values()) == entry["n_bad"]  # one verdict per answer
+
+    record = json.loads((run.model_dir / "abfleet-run.json").read_text())
+    chosen = str(record["chosen"]["trial"])
+    assert record["after"]["long_refusals"] == entries[chosen]["refusals"]
+    assert record["after"]["long_tokens"] == 16 and record["after"]["judge"]
+    assert record["after"]["refusals"] == study.trials[int(chosen)].user_attrs["refusals"]
+    assert record["before"]["long_refusals"] == entries["baseline"]["refusals"]
+    assert record["rescore"]["tokens"] == 16 and record["rescore"]["seconds"] > 0
+    assert record["rescore"]["samples_after"] == entries[chosen]["samples"]
+    assert all("long_refusals" in row for row in result.pareto)
+
+    # The same export again reuses the stored figures: nothing is generated or judged twice.
+    run_job(load_job(str(job_file)), run, LogReporter())
+    assert _study(run).user_attrs["rescore"] == rescore
+
+    # The same search re-scoring only what can still win (the default) chooses the same trial
+    # with fewer answers generated: a trial left out refuses more at the short cap than the
+    # chosen one at the long cap.
+    lean_job = write_job(tmp_path / "lean", str(tiny_model_dir), n_trials=6)
+    _with_evaluation(lean_job, long_new_tokens=16)
+    lean_run = RunDir(tmp_path / "lean-run")
+    lean = run_job(load_job(str(lean_job)), lean_run, LogReporter())
+    assert lean.chosen["trial"] == int(chosen)
+    lean_entries = _study(lean_run).user_attrs["rescore"]["entries"]
+    assert set(lean_entries) <= set(entries)
+    for key, entry in lean_entries.items():
+        assert entry["refusals"] == entries[key]["refusals"]
+    for row in lean.pareto:
+        if str(row["trial"]) not in lean_entries and row["kl"] <= 0.5:
+            assert row["refusals"] > lean.chosen["long_refusals"]
+
+
+def _trial(number: int, refusals: int, kl: float, degenerate: int = 0):
+    return optuna.trial.create_trial(
+        values=[refusals, kl],
+        params={"x": 0.0},
+        distributions={"x": FloatDistribution(0, 1)},
+        user_attrs={"refusals": refusals, "kl": kl, "degenerate": degenerate, "n_bad": 10},
+    )
+
+
+def test_the_choice_uses_the_long_figures():
+    trials = [_trial(0, 1, 0.2), _trial(1, 2, 0.1), _trial(2, 0, 0.9)]
+    for i, t in enumerate(trials):
+        t.number = i
+    # Short answers: trial 0 refuses least within KL 0.5. Long answers: trial 0 refuses 7
+    # times, trial 1 only 3 times, so trial 1 is the better model.
+    rescore = {
+        "tokens": 128,
+        "entries": {
+            "baseline": {"refusals": 9, "degenerate": 1},
+            "0": {"refusals": 7, "degenerate": 0},
+            "1": {"refusals": 3, "degenerate": 1},
+        },
+    }
+    assert choose_trial(trials, 0.5).trial.number == 0
+    choice = choose_trial(trials, 0.5, rescore=rescore)
+    assert choice.trial.number == 1 and "at 128 tokens" in choice.reason
+    # Trial 1's long answers degenerate more often than the original's: never chosen.
+    rescore["entries"]["1"]["degenerate"] = 2
+    assert choose_trial(trials, 0.5, rescore=rescore).trial.number == 0
+
+
+QWEN3_THINK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def test_a_template_with_a_thinking_switch_answers_without_thinking():
+    tok = make_tokenizer()
+    tok.chat_template = QWEN3_THINK_TEMPLATE
+    chat = ChatFormatter(tok, "sys")
+    assert chat.format("hi").endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_think_prefix_is_the_shared_think_block():
+    block = "<think>\n\n</think>\n\n"
+    assert think_prefix([block + "Sure", block + "No", block + "\n\nOk"]) == block
+    # Still thinking: the block is closed empty, so the answer itself is scored.
+    assert think_prefix(["<think>\nLet me see", "<think>\nOkay so"]) == block
+    assert think_prefix(["Sure, here", "Sure, no"]) == ""  # a common start is not a think block
+    assert think_prefix(["<think>\n\n</think>\n\nA", "Plain answer"]) == ""
+
+
+def _thinking_model_dir(path):
+    """A tiny Qwen3 trained for a few seconds to open every answer with an empty think block,
+    with a template that has no switch to turn it off."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    tok = make_tokenizer()
+    tok.add_tokens(["<think>", "</think>"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        Qwen3Config(
+            vocab_size=len(tok),
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            eos_token_id=257,
+            pad_token_id=258,
+            bos_token_id=256,
+        )
+    )
+    chat = ChatFormatter(tok, "You are a helpful assistant.")
+    block = tok("<think>\n\n</think>\n\n", add_special_tokens=False)["input_ids"]
+    rows = []
+    for prompt in [p for group in PROMPTS.values() for p in group]:
+        ids = tok(chat.format(prompt), add_special_tokens=False)["input_ids"]
+        answer = tok(prompt[::-1], add_special_tokens=False)["input_ids"][:6]
+        rows.append((ids, block + answer))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        for ids, target in rows:
+            x = torch.tensor([ids + target])
+            logits = model(input_ids=x).logits[0, len(ids) - 1 : -1]
+            loss = torch.nn.functional.cross_entropy(logits, torch.tensor(target))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_a_thinking_model_is_scored_after_its_think_block(tmp_path):
+    model_dir = _thinking_model_dir(tmp_path / "thinker")
+    job_file = write_job(tmp_path / "job", str(model_dir), n_trials=2)
+    _with_evaluation(job_file, long_new_tokens=0)
+    run = RunDir(tmp_path / "run")
+    run_job(load_job(str(job_file)), run, LogReporter())
+    study = _study(run)
+    assert study.user_attrs["answer_prefix"] == "<think>\n\n</think>\n\n"
+    # Answers are scored after the block: none of them starts with it again.
+    for trial in study.trials:
+        for _prompt, answer in trial.user_attrs["samples"]:
+            assert not answer.lstrip().startswith("<think>"), answer
+    for _prompt, answer in study.user_attrs["baseline"]["samples"]:
+        assert not answer.lstrip().startswith("<think>"), answer
+
+
+def test_batch_probe_measures_the_longest_prompt_and_the_directions_pass():
+    tok = make_tokenizer()
+    model = make_model("llama", len(tok), layers=2)
+    chat = ChatFormatter(tok, None)
+    prompts = ["short", "a much longer prompt than the others " * 3, "mid length one"]
+    seen: list[tuple[int, bool]] = []
+
+    def record(_module, _args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None:
+            seen.append((ids.shape[1], bool(kwargs.get("output_hidden_states"))))
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    find_batch_size(model, chat, prompts, limit=2, max_new_tokens=40)
+    longest = max(len(ids) for ids in encode_prompts(chat, prompts))
+    stretched = longest + 40 - PROBE_TOKENS
+    assert max(n for n, _ in seen) >= stretched  # the cache the longest answer will need
+    assert any(hidden and n >= stretched for n, hidden in seen)  # the directions pass too
+
+
+def _quantized_copy(src, dst, quantization: dict) -> None:
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = quantization
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+def test_pre_quantized_checkpoints_are_refused_before_anything_runs(tmp_path, tiny_model_dir):
+    assert quantization_of({"quantization_config": {"quant_method": "gptq", "bits": 4}}) == "GPTQ"
+    assert quantization_of({"quantization_config": {"load_in_4bit": True}}) == "bitsandbytes"
+    assert quantization_of({"text_config": {"quantization_config": {"quant_method": "mxfp4"}}})
+    assert quantization_of({"quantization_config": {"quant_method": "gguf"}}) is None
+    assert quantization_of({"hidden_size": 8}) is None
+
+    fp8 = tmp_path / "fp8-model"
+    _quantized_copy(tiny_model_dir, fp8, {"quant_method": "fp8", "weight_block_size": [128, 128]})
+    # `size` on the controller: one line naming the format and what to do.
+    proc = subprocess.run(
+        [sys.executable, "-m", "abfleet", "size", str(fp8)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert re.search(r"pre-quantized FP8 checkpoint.*bf16", lines[0]), lines[0]
+    # The start of a run (a box, or a local run) refuses it before loading any weight.
+    job_file = write_job(tmp_path / "job", str(fp8), n_trials=1)
+    with pytest.raises(UserError, match="pre-quantized FP8"):
+        run_job(load_job(str(job_file)), RunDir(tmp_path / "run"), LogReporter())
+
+
+def test_launch_refuses_a_pre_quantized_checkpoint_and_rents_nothing(
+    fake_vast, tmp_path, tiny_model_dir
+):
+    awq = tmp_path / "awq-model"
+    _quantized_copy(tiny_model_dir, awq, {"quant_method": "awq", "bits": 4})
+    job_file = write_job(tmp_path / "job", str(awq), n_trials=1)
+    proc = subprocess.run(
+        [sys.executable, "-m", "abfleet", "launch", str(job_file), "--yes"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "pre-quantized AWQ checkpoint" in proc.stderr
+    assert fake_vast.instances == {}
