@@ -215,3 +215,18 @@ def test_offers_search_the_chosen_gpu_type(fake_vast, tiny_model_dir):
     assert {o["gpu_name"] for o in json.loads(chosen.stdout)} == {"RTX 4090"}
     default = abfleet("offers", str(tiny_model_dir), "--json")
     assert {o["gpu_name"] for o in json.loads(default.stdout)} != {"RTX 4090"}
+
+
+def test_size_of_a_directory_with_only_config_json(tmp_path):
+    # A user sizes a 70B before downloading 140 GB: config.json is enough.
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_31_70B))
+    proc = subprocess.run(
+        [sys.executable, "-m", "abfleet", "size", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert abs(data["params"] - 70_553_706_496) / 70_553_706_496 < 0.02
+    assert data["params_source"] == "config.json" and data["disk_gb"] >= 300

@@ -17,6 +17,7 @@ import torch
 from abfleet.core.chat import ChatFormatter
 from abfleet.core.generate import (
     encode_prompts,
+    forward,
     greedy_generate,
     make_batches,
     model_device,
@@ -86,11 +87,4 @@ def _hidden_states_pass(model: Any, chat: ChatFormatter, sample: list[list[int]]
     """What the directions need: one forward keeping every layer's hidden states."""
     pad = pad_token_id(chat.tokenizer)
     for batch in make_batches(sample, len(sample), pad, model_device(model)):
-        model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            output_hidden_states=True,
-            use_cache=False,
-            logits_to_keep=1,
-        )
+        forward(model, batch, hidden_states=True)

@@ -8,7 +8,13 @@ from typing import Any
 import torch
 
 from abfleet.core.chat import ChatFormatter
-from abfleet.core.generate import encode_prompts, make_batches, model_device, pad_token_id
+from abfleet.core.generate import (
+    encode_prompts,
+    forward,
+    make_batches,
+    model_device,
+    pad_token_id,
+)
 
 
 @torch.inference_mode()
@@ -24,14 +30,7 @@ def mean_residuals(
     device = model_device(model)
     total: torch.Tensor | None = None
     for batch in make_batches(encoded, batch_size, pad_token_id(chat.tokenizer), device):
-        out = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            output_hidden_states=True,
-            use_cache=False,
-            logits_to_keep=1,
-        )
+        out = forward(model, batch, hidden_states=True)
         # Left padding puts every prompt's last token in the last column.
         last = torch.stack([h[:, -1, :].float().cpu() for h in out.hidden_states], dim=1)
         part = last.to(torch.float64).sum(dim=0)

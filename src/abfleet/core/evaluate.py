@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from abfleet.core.chat import ChatFormatter
 from abfleet.core.generate import (
     encode_prompts,
+    forward,
     greedy_generate,
     make_batches,
     model_device,
@@ -77,13 +78,7 @@ class Evaluator:
         rows: list[torch.Tensor | None] = [None] * len(self._good_ids)
         pad = pad_token_id(self.chat.tokenizer)
         for batch in make_batches(self._good_ids, self.batch_size, pad, device):
-            out = self.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                use_cache=False,
-                logits_to_keep=1,
-            )
+            out = forward(self.model, batch)
             logprobs = F.log_softmax(out.logits[:, -1, :].float(), dim=-1)
             for r, i in enumerate(batch.rows):
                 rows[i] = logprobs[r]

@@ -64,6 +64,19 @@ def make_batches(
     return batches
 
 
+def forward(model: Any, batch: Batch, hidden_states: bool = False) -> Any:
+    """One forward pass of a left-padded batch without a cache: the last position's logits
+    (and every layer's hidden states when asked)."""
+    return model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        output_hidden_states=hidden_states,
+        use_cache=False,
+        logits_to_keep=1,
+    )
+
+
 def pad_token_id(tokenizer: Any) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if candidate is not None:

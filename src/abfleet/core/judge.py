@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from abfleet.core.chat import ChatFormatter
-from abfleet.core.generate import make_batches, model_device, pad_token_id
+from abfleet.core.generate import forward, make_batches, model_device, pad_token_id
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +70,7 @@ class Judge:
         out: list[str | None] = [None] * len(encoded)
         device = model_device(self.model)
         for batch in make_batches(encoded, self.batch_size, pad_token_id(tok), device):
-            logits = self.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                use_cache=False,
-                logits_to_keep=1,
-            ).logits[:, -1, :]
+            logits = forward(self.model, batch).logits[:, -1, :]
             scores = torch.stack([logits[:, ids].max(dim=-1).values for ids in self._ids], dim=-1)
             for r, i in enumerate(batch.rows):
                 out[i] = VERDICTS[int(scores[r].argmax())]

@@ -152,9 +152,19 @@ def _safetensors_params(paths: list[Path]) -> int | None:
 
 
 def shape_for(model: str) -> tuple[Shape, str]:
-    """(shape, label) for a local directory, a .gguf file, the demo model or a hub id."""
+    """(shape, label) for a local directory, a .gguf file, the demo model or a hub id. A
+    directory that holds only config.json is sized from it: users size before downloading."""
     from abfleet.job.source import materialize, resolve_source
 
+    path = Path(model).expanduser()
+    weights = ("*.safetensors", "*.bin", "*.gguf")
+    if (path / "config.json").is_file() and not any(any(path.glob(g)) for g in weights):
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read {path / 'config.json'}: {exc}") from None
+        check_editable(config, str(path))
+        return shape_from_config(config), f"{path} (config.json only)"
     return shape_for_source(materialize(resolve_source(model)))
 
 

@@ -15,14 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from abfleet.errors import UserError
 from abfleet.job.prompts import (
@@ -105,22 +98,13 @@ class Ablation(_Strict):
 
 class Evaluation(_Strict):
     max_new_tokens: int = Field(default=30, ge=1, le=4096)
-    # Before the choice, the Pareto front is re-scored with answers this long (0: no re-score):
-    # long answers often start to comply and then refuse.
+    # Before the choice, the Pareto front is re-scored with answers this long (0, or not above
+    # max_new_tokens: no re-score): long answers often start to comply and then refuse.
     long_new_tokens: int = Field(default=128, ge=0, le=4096)
     # "needed": only the front trials that can still be chosen (long refusals are never fewer
     # than short ones, so the rest cannot win); "front": the whole front, to compare.
     rescore: str = Field(default="needed", pattern="^(needed|front)$")
     judge: str = ""  # a model (directory, .gguf or hub id) that classifies the long answers
-
-    @model_validator(mode="after")
-    def _longer_than_the_screen(self) -> Evaluation:
-        if 0 < self.long_new_tokens <= self.max_new_tokens:
-            raise ValueError(
-                f"long_new_tokens ({self.long_new_tokens}) must be above max_new_tokens "
-                f"({self.max_new_tokens}), or 0 for no re-score"
-            )
-        return self
 
 
 class Search(_Strict):

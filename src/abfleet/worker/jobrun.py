@@ -317,7 +317,7 @@ def _run(
         return result
 
     rescore = None
-    if spec.evaluation.long_new_tokens and not budget:
+    if spec.evaluation.long_new_tokens > spec.evaluation.max_new_tokens and not budget:
         t0 = time.monotonic()
         rescore = _rescore(
             job, study, trials, evaluator, ablator, directions, batch_size, status, reporter
