@@ -53,9 +53,9 @@ def rescore_front(
     """Long figures for the baseline and the front trials; returns the study's record.
 
     front is sorted by short refusals. A greedy answer with a larger cap extends the shorter
-    one, so a trial's long refusals are not fewer than its short ones: once the best sound long count so far is
-    below the next trial's short count, no later trial can be chosen, and (unless whole_front)
-    the re-score stops there. A trial asked for by number (asked) is always scored.
+    one, so a trial's long refusals are not fewer than its short ones: once the best sound long
+    count so far is below the next trial's short count, no later trial can be chosen, and
+    (unless whole_front) the re-score stops there. A trial asked for by number (asked) is always scored.
 
     apply_trial(None) restores the unmodified model, apply_trial(trial) ablates with a trial's
     parameters. Without a judge, generation stops at a marker (the verdict is decided there); a
@@ -104,7 +104,7 @@ def rescore_front(
         # KL order until a sound trial is found (all of them for whole_front).
         for trial in sorted(front, key=lambda t: t.values[1]):
             entry = score(str(trial.number), trial)
-            if entry["degenerate"] <= allowed and not whole_front and best is None:
+            if entry["degenerate"] <= allowed and not whole_front:
                 break
     if asked is not None:
         score(str(asked.number), asked)
