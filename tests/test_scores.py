@@ -209,7 +209,8 @@ def test_batch_probe_measures_the_longest_prompt_and_the_directions_pass():
     tok = make_tokenizer()
     model = make_model("llama", len(tok), layers=2)
     chat = ChatFormatter(tok, None)
-    prompts = ["short", "a much longer prompt than the others " * 3, "mid length one"]
+    prompts = ["short", "mid length one"]  # timed: the held-out prompts
+    every = [*prompts, "a much longer prompt than the others " * 3]  # directions prompts too
     seen: list[tuple[int, bool]] = []
 
     def record(_module, _args, kwargs):
@@ -218,8 +219,8 @@ def test_batch_probe_measures_the_longest_prompt_and_the_directions_pass():
             seen.append((ids.shape[1], bool(kwargs.get("output_hidden_states"))))
 
     model.register_forward_pre_hook(record, with_kwargs=True)
-    find_batch_size(model, chat, prompts, limit=2, max_new_tokens=40)
-    longest = max(len(ids) for ids in encode_prompts(chat, prompts))
+    find_batch_size(model, chat, prompts, limit=2, max_new_tokens=40, worst_prompts=every)
+    longest = max(len(ids) for ids in encode_prompts(chat, every))
     stretched = longest + 40 - PROBE_TOKENS
     assert max(n for n, _ in seen) >= stretched  # the cache the longest answer will need
     assert any(hidden and n >= stretched for n, hidden in seen)  # the directions pass too

@@ -1,8 +1,8 @@
 """Find a batch size by doubling until memory runs out or throughput stops improving.
 
-Each size must also run the worst case: the longest prompts, stretched so that the cache reaches
-the length the longest answer will need, and the directions pass (every layer's hidden states):
-a batch that fits here cannot run out of memory later on a long prompt.
+The size picked must then run the worst case: the longest prompts, stretched so that the cache
+reaches the length the longest answer will need, and the directions pass (every layer's hidden
+states); it is halved until it does, so a batch that fits here cannot run out of memory later.
 """
 
 from __future__ import annotations
@@ -40,17 +40,16 @@ def find_batch_size(
     prompts: Sequence[str],
     limit: int,
     max_new_tokens: int = PROBE_TOKENS,
+    worst_prompts: Sequence[str] | None = None,
 ) -> int:
     """Largest useful batch up to limit (and never above the number of prompts).
 
-    Throughput is measured on the prompts as they come (what trials will see); each size must
-    also survive the worst case: the longest prompts, stretched to the cache length of the
-    longest answer, and the directions pass.
+    Throughput is measured on prompts as trials see them; the size it picks must then survive
+    the worst case (halved until it does): the longest of worst_prompts (default: prompts),
+    stretched to the cache length of the longest answer, and the directions pass.
     """
     limit = max(1, min(limit, len(prompts)))
     encoded = encode_prompts(chat, prompts)
-    stretch = max(0, max_new_tokens - PROBE_TOKENS)
-    longest = [ids + ids[-1:] * stretch for ids in sorted(encoded, key=len, reverse=True)]
     best_size, best_rate = 1, 0.0
     size = 1
     while size <= limit:
@@ -61,9 +60,6 @@ def find_batch_size(
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - started
-            worst = [longest[i % len(longest)] for i in range(size)]
-            greedy_generate(model, chat, [""] * size, PROBE_TOKENS, size, encoded=worst)
-            _hidden_states_pass(model, chat, worst)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
             if not _is_oom(exc):
                 raise
@@ -79,7 +75,27 @@ def find_batch_size(
         if size == limit:
             break
         size = min(size * 2, limit)
-    return best_size
+    return _fits_worst_case(model, chat, worst_prompts or prompts, best_size, max_new_tokens)
+
+
+def _fits_worst_case(
+    model: Any, chat: ChatFormatter, prompts: Sequence[str], size: int, max_new_tokens: int
+) -> int:
+    stretch = max(0, max_new_tokens - PROBE_TOKENS)
+    longest = sorted(encode_prompts(chat, prompts), key=len, reverse=True)
+    longest = [ids + ids[-1:] * stretch for ids in longest]
+    while True:
+        worst = [longest[i % len(longest)] for i in range(size)]
+        try:
+            greedy_generate(model, chat, [""] * size, PROBE_TOKENS, size, encoded=worst)
+            _hidden_states_pass(model, chat, worst)
+            return size
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            if not _is_oom(exc) or size == 1:
+                raise
+            log.info("batch size %d runs out of memory on the longest prompts", size)
+            torch.cuda.empty_cache()
+            size //= 2
 
 
 @torch.inference_mode()

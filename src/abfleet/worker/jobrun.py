@@ -213,9 +213,10 @@ def _run(
     batch_size = spec.model_options.batch_size or find_batch_size(
         loaded.model,
         chat,
-        [p for group in prompts.values() for p in group],
+        prompts["bad_eval"] + prompts["good_eval"],
         spec.model_options.max_batch_size,
         max(spec.evaluation.max_new_tokens, spec.evaluation.long_new_tokens),
+        worst_prompts=[p for group in prompts.values() for p in group],
     )
     status.update(dtype=loaded.dtype, batch_size=batch_size, device=_device_name())
     timings["load"] = time.monotonic() - started
