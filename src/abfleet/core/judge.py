@@ -8,7 +8,6 @@ so the verdict is deterministic and costs one forward pass per answer.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,8 +15,6 @@ import torch
 
 from abfleet.core.chat import ChatFormatter
 from abfleet.core.generate import forward, make_batches, model_device, pad_token_id
-
-log = logging.getLogger(__name__)
 
 VERDICTS = ("refusal", "compliance", "degenerate")
 _LETTERS = ("A", "B", "C")

@@ -83,6 +83,15 @@ def rescore_front(
             "seconds": round(time.perf_counter() - started, 2),
             "samples": [[evaluator.bad[j], texts[j]] for j in range(min(N_SAMPLES, len(texts)))],
         }
+        log.info(
+            "%s at %d tokens: refusals %d/%d, degenerate %d (%.1f s)",
+            label,
+            tokens,
+            refusals,
+            len(texts),
+            degenerate,
+            entry["seconds"],
+        )
         if judge:
             pending[key] = (entry, texts)
         else:
@@ -120,6 +129,7 @@ def rescore_front(
                 verdicts = scorer.verdicts(evaluator.bad, texts)
                 entry["judge"] = count_verdicts(verdicts)
                 entries[key] = entry
+                log.info("judge on %s: %s", key, entry["judge"])
         finally:
             del scorer
             gc.collect()
