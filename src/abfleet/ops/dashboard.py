@@ -136,15 +136,16 @@ def _header(snap: dict[str, Any] | None, info: ViewInfo, now: float) -> Renderab
 
 def _tables(snap: dict[str, Any]) -> RenderableType:
     pareto = Table(title="Pareto front", title_justify="left", expand=False)
-    for col in ("trial", "refusals", "KL", "degen."):
+    rows = snap.get("pareto", [])[:8]
+    tokens = next((p["long_tokens"] for p in rows if p.get("long_tokens")), None)
+    cols = ["trial", "refusals", *([f"@{tokens}"] if tokens else []), "KL", "degen."]
+    for col in cols:
         pareto.add_column(col, justify="right")
-    for p in snap.get("pareto", [])[:8]:
-        pareto.add_row(
-            str(p["trial"]),
-            fmt_refusals(p["refusals"], p["n_bad"]),
-            fmt_kl(p["kl"]),
-            str(p["degenerate"]),
-        )
+    for p in rows:
+        cells = [str(p["trial"]), fmt_refusals(p["refusals"], p["n_bad"])]
+        if tokens:
+            cells.append(fmt_refusals(p.get("long_refusals"), p["n_bad"]))
+        pareto.add_row(*cells, fmt_kl(p["kl"]), str(p["degenerate"]))
     side = Table.grid(padding=(0, 1))
     side.add_column()
     side.add_column()
