@@ -159,22 +159,25 @@ def shape_for(model: str) -> tuple[Shape, str]:
     path = Path(model).expanduser()
     weights = ("*.safetensors", "*.bin", "*.gguf")
     if (path / "config.json").is_file() and not any(any(path.glob(g)) for g in weights):
-        try:
-            config = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot read {path / 'config.json'}: {exc}") from None
-        check_editable(config, str(path))
-        return shape_from_config(config), f"{path} (config.json only)"
+        return shape_from_config(_editable_config(path)), f"{path} (config.json only)"
     return shape_for_source(materialize(resolve_source(model)))
+
+
+def _editable_config(path: Path) -> dict[str, Any]:
+    """A local folder's config.json, refused if it describes a pre-quantized checkpoint."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path / 'config.json'}: {exc}") from None
+    check_editable(config, str(path))
+    return config
 
 
 def shape_for_source(source: ModelSource) -> tuple[Shape, str]:
     if source.kind == "dir":
         path = Path(source.location)
-        config = json.loads((path / "config.json").read_text())
-        check_editable(config, str(path))
         exact = _safetensors_params(sorted(path.glob("*.safetensors")))
-        return shape_from_config(config, exact), str(path)
+        return shape_from_config(_editable_config(path), exact), str(path)
     if source.kind == "gguf":
         return _gguf_shape(Path(source.location) / (source.gguf_file or "")), source.display
     return _hub_shape(source.location), source.location
