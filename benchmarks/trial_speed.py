@@ -7,6 +7,16 @@ Seconds per trial come from each study's own trial timestamps (start to complete
 
     python benchmarks/trial_speed.py                    # abfleet and heretic, 30 trials
     python benchmarks/trial_speed.py --skip-reference   # abfleet only
+    python benchmarks/trial_speed.py --markers short --dtype float32   # any job's settings
+    python benchmarks/trial_speed.py --skip-reference --abfleet-src /tmp/old   # another checkout
+    python benchmarks/trial_speed.py --profile          # where a trial's time goes (after a run)
+
+--markers short uses nine markers instead of the job's 22: a marker stops an answer's
+generation early once it is seen, so more markers make trials shorter for reasons that are
+not the tool's speed. --dtype fixes the dtype both tools load (default: each picks its own).
+--profile replays the last abfleet run's first trials in this process and times each phase;
+with --compare-ablation FILE it replays them also through another checkout's ablation.py,
+interleaved trial by trial on the same loaded model (an A/B that machine drift cannot skew).
 
 The reference runs from its own venv (created with `--setup-reference`, which installs
 heretic-llm==1.4.0 and torch==2.13.0 into benchmarks/out/heretic-venv). After its trials it
@@ -30,6 +40,30 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
 PROMPTS = ROOT / "jobs" / "prompts" / "refusal"
 KL_LIMIT = 0.5
+SHORT_MARKERS = [
+    "sorry", "i can't", "i cannot", "i won't", "i will not",
+    "i'm unable", "i am unable", "as an ai", "i must decline",
+]  # fmt: skip
+
+
+def markers_for(args: argparse.Namespace) -> list[str] | None:
+    return SHORT_MARKERS if args.markers == "short" else None
+
+
+def job_file(args: argparse.Namespace, work: Path) -> str:
+    """The refusal job, with the benchmark's markers (prompt paths made absolute)."""
+    markers = markers_for(args)
+    if markers is None:
+        return "refusal"
+    text = (ROOT / "jobs" / "refusal.toml").read_text()
+    start = text.index("markers = [")
+    end = text.index("]", start) + 1
+    text = text[:start] + "markers = " + json.dumps(markers) + text[end:]
+    text = text.replace('"prompts/refusal/', f'"{PROMPTS}/')
+    path = work / "job.toml"
+    path.write_text(text)
+    return str(path)
+
 
 RSS_WRAPPER = textwrap.dedent(
     """
@@ -118,6 +152,11 @@ def run_abfleet(args: argparse.Namespace, model_dir: Path) -> dict:
     work = OUT / "abfleet"
     run_dir = work / "run"
     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if args.abfleet_src:  # another checkout (e.g. the previous commit) for a before/after
+        env["PYTHONPATH"] = str(Path(args.abfleet_src) / "src")
+    extra = ["--dtype", args.dtype] if args.dtype else []
     res = measured(
         work,
         [
@@ -125,7 +164,10 @@ def run_abfleet(args: argparse.Namespace, model_dir: Path) -> dict:
             "-m",
             "abfleet",
             "run",
-            "refusal",
+            job_file(args, work),
+            *extra,
+            "--long-tokens",
+            "0",
             "--model",
             str(model_dir),
             "--trials",
@@ -141,6 +183,7 @@ def run_abfleet(args: argparse.Namespace, model_dir: Path) -> dict:
             "--output",
             str(run_dir),
         ],
+        env=env,
     )
     study = optuna.load_study(study_name="refusal", storage=f"sqlite:///{run_dir / 'study.db'}")
     rows = [
@@ -174,7 +217,8 @@ def run_reference(args: argparse.Namespace, model_dir: Path) -> dict:
     from abfleet.job.spec import load_job
 
     job = load_job("refusal")
-    markers = json.dumps(job.spec.markers)
+    markers = json.dumps(markers_for(args) or job.spec.markers)
+    dtypes = f"dtypes = {json.dumps([args.dtype])}" if args.dtype else ""
 
     def spec(name: str) -> str:
         return f'{{ dataset = "{PROMPTS / name}" }}'
@@ -194,6 +238,7 @@ def run_reference(args: argparse.Namespace, model_dir: Path) -> dict:
             bad_prompts = {spec("harmful_train.txt")}
             good_evaluation_prompts = {spec("harmless_eval.txt")}
             bad_evaluation_prompts = {spec("harmful_eval.txt")}
+            {dtypes}
             """
         )
     )
@@ -229,6 +274,85 @@ def setup_reference(venv: Path) -> None:
     subprocess.run([*pip, "torch==2.13.0", "heretic-llm==1.4.0"], check=True)
 
 
+def profile(args: argparse.Namespace) -> None:
+    """Replay the last run's first trials here, timing each phase of a trial."""
+    import optuna
+    import torch
+
+    sys.path.append(str(ROOT / "src"))
+    from abfleet.core.ablation import Ablator
+    from abfleet.core.evaluate import Evaluator
+    from abfleet.core.markers import MarkerMatcher
+    from abfleet.core.model import ModelSource, load_model
+    from abfleet.core.pipeline import _decode_tensor, chat_formatter
+    from abfleet.core.search import params_from_trial
+    from abfleet.demo.refusal_tune import ensure_demo_model
+    from abfleet.job.spec import load_job
+
+    run_dir = OUT / "abfleet" / "run"
+    if args.abfleet_src:
+        sys.path.insert(0, str(Path(args.abfleet_src) / "src"))
+    study = optuna.load_study(study_name="refusal", storage=f"sqlite:///{run_dir / 'study.db'}")
+    job = load_job(job_file(args, OUT / "abfleet"))
+    prompts = job.load_all_prompts()
+    dtypes = (args.dtype,) if args.dtype else tuple(job.spec.model_options.dtypes)
+    loaded = load_model(ModelSource("dir", str(ensure_demo_model())), dtypes, None)
+    chat = chat_formatter(loaded, job.spec.system_prompt)
+    directions = _decode_tensor(study.user_attrs["directions"])
+    evaluator = Evaluator(
+        loaded.model,
+        chat,
+        prompts["good_eval"],
+        prompts["bad_eval"],
+        MarkerMatcher(job.spec.markers),
+        args.tokens,
+        args.batch_size,
+    )
+    ablators = {"now": Ablator(loaded.model)}
+    if args.compare_ablation:  # e.g. the previous commit's in-place edit, same model, same trials
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("other_ablation", args.compare_ablation)
+        assert spec is not None and spec.loader is not None
+        other = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(other)
+        ablators["other"] = other.Ablator(loaded.model)
+    n_layers = ablators["now"].n_layers
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"][:10]
+    names = ("apply", "KL prefill", "generation", "reset")
+    phases = {key: {name: [] for name in names} for key in ablators}
+    lengths = []
+    for t in trials:  # interleaved, so a slower minute of a shared machine hits both alike
+        for key, ablator in ablators.items():
+            params = params_from_trial(t, n_layers)
+            for name, call in zip(
+                names,
+                (
+                    lambda a=ablator, p=params: a.apply(p, directions),
+                    evaluator.kl,
+                    lambda: lengths.append(evaluator.answers()),
+                    ablator.reset,
+                ),
+                strict=True,
+            ):
+                started = time.perf_counter()
+                call()
+                phases[key][name].append(time.perf_counter() - started)
+    print(
+        f"{len(trials)} trials of {run_dir}, dtype {loaded.dtype}, batch {args.batch_size}, "
+        f"{len(job.spec.markers)} markers, torch threads {torch.get_num_threads()}"
+    )
+    for key, found in phases.items():
+        total = sum(statistics.mean(v) for v in found.values())
+        print(f" ablation: {'this checkout' if key == 'now' else args.compare_ablation}")
+        for name, values in found.items():
+            mean = statistics.mean(values)
+            print(f"  {name:<11} {mean:7.3f} s  {100 * mean / total:5.1f} %")
+        print(f"  total       {total:7.3f} s")
+    words = [len(a.split()) for answers in lengths for a in answers]
+    print(f" answers average {statistics.mean(words):.1f} words")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -241,7 +365,15 @@ def main() -> None:
     parser.add_argument("--reference-venv", default=str(OUT / "heretic-venv"))
     parser.add_argument("--setup-reference", action="store_true")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--markers", choices=("job", "short"), default="job")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"))
+    parser.add_argument("--abfleet-src", help="run abfleet from this checkout instead")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--compare-ablation", help="with --profile: another ablation.py, A/B")
     args = parser.parse_args()
+    if args.profile:
+        profile(args)
+        return
     OUT.mkdir(parents=True, exist_ok=True)
     if args.setup_reference:
         setup_reference(Path(args.reference_venv))
@@ -256,7 +388,8 @@ def main() -> None:
 
     print(
         f"\nmodel: refusal-tuned SmolLM2-135M ({model_dir.name}), {os.cpu_count()} cores, "
-        f"{args.trials} trials, seed {args.seed}, batch {args.batch_size}, {args.tokens} tokens, 60+60 prompts"
+        f"{args.trials} trials, seed {args.seed}, batch {args.batch_size}, {args.tokens} tokens, "
+        f"60+60 prompts, {len(markers_for(args) or [0] * 22)} markers, dtype {args.dtype or 'auto'}"
     )
     print(
         f"{'tool':<15}{'s/trial':>9}{'setup s':>9}{'wall s':>9}{'peak MiB':>10}{'before':>8}   best with KL<={KL_LIMIT}   Pareto front (refusals/60, KL)"

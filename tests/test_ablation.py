@@ -55,27 +55,39 @@ def test_targets_cover_attention_and_mlp_including_experts(kind, tokenizer):
     assert {t.layer for t in targets} == set(range(len(model.model.layers)))
 
 
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_weight_one_writes_nothing_along_the_direction(kind, tokenizer):
+    """Merged into the weights (the export): no touched matrix has a part along v."""
     model = make_model(kind, len(tokenizer))
+    original = copy.deepcopy(model.state_dict())
     directions = random_directions(model)
     ablator = Ablator(model)
-    ablator.apply(everywhere(1.0), directions)
+    ablator.merge(everywhere(1.0), directions)
     for t in ablator.targets:
         v = directions[t.layer + 1]
         moved = t.param.detach().float().movedim(t.out_axis, -2)  # (..., d_model, d_in)
         along = torch.einsum("d,...di->...i", v, moved)
         scale = moved.abs().max()
         assert along.abs().max() < 1e-5 * scale, t.name
+        if t.is_bias:
+            continue
         # And the ablation did something: the original wrote along v.
-        orig = ablator._originals[id(t.param)].float().movedim(t.out_axis, -2)
+        key = next(k for k, p in model.named_parameters() if p is t.param)
+        orig = original[key].float().movedim(t.out_axis, -2)
         assert torch.einsum("d,...di->...i", v, orig).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_reset_restores_every_weight_bit_for_bit(kind, tokenizer):
+def test_reset_restores_the_model_bit_for_bit(kind, tokenizer):
     model = make_model(kind, len(tokenizer))
     before = copy.deepcopy(model.state_dict())
+    ids = torch.randint(0, 200, (2, 7), generator=torch.Generator().manual_seed(1))
+    clean = _logits(model, ids)
     ablator = Ablator(model)
     directions = random_directions(model, seed=3)
     for params in (
@@ -86,17 +98,22 @@ def test_reset_restores_every_weight_bit_for_bit(kind, tokenizer):
         ),
     ):
         ablator.apply(params, directions)
-        assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert not torch.equal(_logits(model, ids), clean)
         ablator.reset()
+        assert torch.equal(_logits(model, ids), clean)
         for key, value in model.state_dict().items():
             assert torch.equal(before[key], value), key
+    assert ablator.copy_bytes == 0  # the deltas keep no copy of any matrix
 
 
-def test_reset_is_exact_in_bfloat16(tokenizer):
-    model = make_model("llama", len(tokenizer)).to(torch.bfloat16)
+def test_reset_is_exact_in_bfloat16_with_norm_preserving_experts(tokenizer):
+    """Fused experts with norm preservation are the one in-place edit: restored from a copy."""
+    model = make_model("mixtral", len(tokenizer)).to(torch.bfloat16)
     before = copy.deepcopy(model.state_dict())
-    ablator = Ablator(model, copy_device="cpu")
+    ablator = Ablator(model, norm_preserving=True, copy_device="cpu")
+    assert ablator.copy_bytes > 0
     ablator.apply(everywhere(0.9), random_directions(model))
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     ablator.reset()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -171,13 +188,16 @@ def test_norm_preserving_matches_a_hand_computed_example():
 
 def test_untouched_layers_stay_untouched(tokenizer):
     model = make_model("llama", len(tokenizer), layers=6)
-    before = copy.deepcopy(model.state_dict())
+    ids = torch.randint(0, 200, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        clean = model(input_ids=ids, output_hidden_states=True).hidden_states
     comp = ComponentParams(1.0, 5.0, 1.0, 1.0)  # only layers 4 and 5
     Ablator(model).apply(AblationParams("per_layer", 0.0, comp, comp), random_directions(model))
-    changed = {
-        k.split(".")[2] for k, v in model.state_dict().items() if not torch.equal(before[k], v)
-    }
-    assert changed == {"4", "5"}
+    with torch.no_grad():
+        ablated = model(input_ids=ids, output_hidden_states=True).hidden_states
+    # hidden_states[i + 1] is layer i's output
+    same = [i for i in range(6) if torch.equal(clean[i + 1], ablated[i + 1])]
+    assert same == [0, 1, 2, 3]
 
 
 def test_architecture_without_projections_is_refused():

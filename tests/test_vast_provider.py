@@ -48,6 +48,7 @@ def test_offers_are_cheapest_first_in_the_units_vast_wants(vast, fake_vast):
     assert offers[0].price_per_hour > fake_vast.offers[0]["dph_total"]
     assert sent["gpu_ram"] == {"gte": 22800.0}  # GB in the query, MB on the wire (the SDK's job)
     assert sent["disk_space"] == {"gte": "30"} and sent["order"] == [["dph_total", "asc"]]
+    assert sent["cpu_ram"] == {"gte": 0.0}
     assert sent["verified"] == {"eq": True}
 
 
@@ -56,6 +57,10 @@ def test_no_offers_names_the_filter_that_emptied_the_list(vast):
         vast.offers(req(disk_gb=900))
     with pytest.raises(ProviderError, match=r"none once dph_total<=0.1 is added"):
         vast.offers(req(max_price=0.1))
+    # Host RAM (the fake's boxes have 128 GB): GB in the query, MB on the wire.
+    with pytest.raises(ProviderError, match=r"none once cpu_ram>=200 is added"):
+        vast.offers(req(host_ram_gb=200))
+    assert vast.offers(req(host_ram_gb=100))
     with pytest.raises(ProviderError, match=r"no Vast\.ai offers at all"):
         vast.offers(req(gpu_count=8))
 

@@ -121,12 +121,33 @@ def sizing_table(plan: Any) -> Table:
         "parameters": f"{plan.params / 1e9:.2f}B",
         "weights": f"{plan.weights_gb:.1f} GB",
         "disk": f"{plan.disk_gb} GB",
+        "host RAM": f"{plan.host_ram_gb:.0f} GB",
         "GPU memory": f"{plan.gpu_memory_gb:.1f} GB",
         "GPU": f"{plan.gpu_count}x {plan.gpu}" if plan.gpu else "none",
     }
     for reason in plan.reasons:
         key, _, why = reason.partition(": ")
         table.add_row(key, values.get(key, ""), why)
+    return table
+
+
+def quantization_table(plan: Any) -> Table:
+    """The cheapest fitting option at each quantization the search can run at."""
+    table = Table(title="Cheapest fit per quantization", title_justify="left")
+    for name in ("quantization", "GPU memory", "GPU", "$/h", "est. job $"):
+        table.add_column(name, justify="left" if name in ("quantization", "GPU") else "right")
+    for quantization, best in plan.by_quantization.items():
+        mark = " (this plan)" if quantization == plan.quantization else ""
+        if best is None:
+            table.add_row(quantization + mark, "", "nothing in the catalog holds it", "", "")
+            continue
+        table.add_row(
+            quantization + mark,
+            f"{best['gpu_memory_gb']:.1f} GB",
+            f"{best['count']}x {best['gpu']}",
+            f"{best['price_per_hour']:.2f}",
+            f"{best['est_job_cost']:.1f}",
+        )
     return table
 
 

@@ -20,7 +20,7 @@ from abfleet.fleet.plan import Billing, LaunchOptions, parse_duration, prepare, 
 from abfleet.fleet.providers import NAMES, connect_record, get_provider
 from abfleet.fleet.rent import Rental, create_and_wait
 from abfleet.fleet.submit import new_run_name, setup, submit
-from abfleet.render import fmt_duration, fmt_usd, sizing_table
+from abfleet.render import fmt_duration, fmt_usd, quantization_table, sizing_table
 
 
 def say(message: str) -> None:
@@ -53,6 +53,7 @@ def render_sizing(plan: Any, as_json: bool) -> None:
         click.echo(json.dumps(plan.to_dict(), indent=1))
         return
     console.print(sizing_table(plan))
+    console.print(quantization_table(plan))
     if plan.est_seconds_per_trial:
         console.print(
             f"estimated {plan.est_seconds_per_trial:.0f} s per trial (rough; the live ETA replaces it)"

@@ -31,6 +31,11 @@ def job_flags(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--dtype", callback=_dtype_list, help="dtypes to try in order, e.g. bfloat16,float32."
         ),
+        click.option(
+            "--quantization",
+            type=click.Choice(("none", "bnb-8bit", "bnb-4bit")),
+            help="Hold the base weights in 8 or 4 bits during the search (export: full precision).",
+        ),
         click.option("--max-new-tokens", type=int, help="Generation cap for the marker check."),
         click.option(
             "--long-tokens",
@@ -69,6 +74,7 @@ JOB_FLAG_NAMES = (
     "system_prompt",
     "batch_size",
     "dtype",
+    "quantization",
     "max_new_tokens",
     "long_tokens",
     "rescore",

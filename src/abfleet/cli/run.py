@@ -100,9 +100,16 @@ def _render(result: RunResult, prepared: localrun.LocalRun) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the sizing as JSON.")
 @click.option("--job", "job_arg", help="Job whose batch size and generation cap to size for.")
 @click.option("--batch-size", type=int, help="Batch size to size the cache for (default 64).")
-def size_cmd(model: str, as_json: bool, job_arg: str | None, batch_size: int | None) -> None:
-    """Disk and GPU needed for MODEL, and the cheapest GPU type and count that fits."""
+@click.option(
+    "--quantization",
+    type=click.Choice(("none", "bnb-8bit", "bnb-4bit")),
+    help="Size the search at this quantization (default: the job's, else none).",
+)
+def size_cmd(
+    model: str, as_json: bool, job_arg: str | None, batch_size: int | None, quantization: str | None
+) -> None:
+    """Disk, host RAM and GPU needed for MODEL, and the cheapest GPU that fits, per quantization."""
     from abfleet.cli.fleet import render_sizing
     from abfleet.fleet.sizing import plan_for
 
-    render_sizing(plan_for(model, job_arg, batch_size), as_json)
+    render_sizing(plan_for(model, job_arg, batch_size, quantization), as_json)

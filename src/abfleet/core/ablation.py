@@ -11,8 +11,9 @@ a Conv1D) with one axis of the model's width uses that axis, and one with two (g
 where hidden == intermediate) is probed: each candidate is tried on the component's real forward
 pass, and the axis after whose edit the component writes nothing along v is the one.
 
-Between trials the originals come back bit for bit from a copy of only the touched matrices,
-and only for the layers the previous trial changed, so a reset costs a memory copy, not a reload.
+During the search the edit is not written into the weights: the Ablator applies it as a delta on
+the touched modules' outputs (see Ablator), so a reset is free and exact. orthogonalize_ is the
+same edit written into a tensor, for the export's merge.
 """
 
 from __future__ import annotations
@@ -177,8 +178,8 @@ def _output_axes(layer: Any, name: str, param: torch.Tensor, d_model: int) -> li
     """The axes that may be the output: 0 for an nn.Linear (it computes x W^T), else every
     axis of the model's width (never a fused tensor's expert axis)."""
     owner, attr = _owner(layer, name)
-    if isinstance(owner, torch.nn.Linear):
-        return [0] if attr == "weight" and param.shape[0] == d_model else []
+    if isinstance(owner, torch.nn.Linear):  # out_features: a quantized weight is packed
+        return [0] if attr == "weight" and owner.out_features == d_model else []
     first = 1 if param.dim() == 3 else 0
     return [a for a in range(first, param.dim()) if param.shape[a] == d_model]
 
@@ -298,8 +299,44 @@ def global_direction(directions: torch.Tensor, index: float) -> torch.Tensor:
     return v / v.norm().clamp_min(1e-12)
 
 
+@dataclass
+class _Site:
+    """One module whose output is edited: its weight target and, if any, its bias target."""
+
+    module: Any
+    layer: int
+    component: str
+    weight: Target
+    bias: Target | None
+    hooked: bool
+    row_norms: torch.Tensor | None = None  # norm-preserving: |row| per residual coordinate
+
+
+@dataclass
+class _Edit:
+    v: torch.Tensor
+    w: float
+    # Norm-preserving only: out = s * (y - b) - c * (x . p) + b'
+    s: torch.Tensor | None = None
+    c: torch.Tensor | None = None
+    p: torch.Tensor | None = None
+    # v and -w v in the outputs' dtype, made on first use: the plain delta is then two ops
+    # on the output in place (a dot product and a fused multiply-add), no float32 copies.
+    cast: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
 class Ablator:
-    """Applies trial parameters to a model in place and restores it exactly."""
+    """Applies a trial's ablation as a delta on the outputs of the touched modules.
+
+    Base weights are never written: editing W into (I - w v v^T) W makes the module output
+    y = Wx + b into (I - w v v^T) y, a rank-1 correction applied by a forward hook (and a
+    diagonal scale plus a rank-1 term when rows keep their norms). A reset forgets the edits,
+    so no copy of the touched matrices is kept and quantized weights can be ablated too.
+
+    Fused expert tensors with norm preservation are the exception: each expert's rows are
+    rescaled differently and the experts' module only returns their weighted sum, so those are
+    edited in place and restored from a copy (on copy_device, default the weight's device).
+    """
 
     def __init__(
         self, model: Any, norm_preserving: bool = False, copy_device: str | None = None
@@ -308,24 +345,73 @@ class Ablator:
         self.norm_preserving = norm_preserving
         self.targets = find_targets(model)
         self.n_layers = len(decoder_layers(model))
-        # The copy stays on the weight's device unless told otherwise (e.g. "cpu" when the GPU
-        # cannot hold it): a reset is then a device-local memcpy.
+        self._sites = self._group(model)
+        self._active: dict[int, _Edit] = {}
         self._originals = {
-            id(t.param): t.param.detach().to(copy_device or t.param.device, copy=True)
-            for t in self.targets
+            id(s.weight.param): [
+                t.param.detach().to(copy_device or t.param.device, copy=True)
+                for t in (s.weight, s.bias)
+                if t is not None
+            ]
+            for s in self._sites
+            if not s.hooked
         }
         self._dirty: set[int] = set()
+        self._handles = [
+            s.module.register_forward_hook(self._hook(index))
+            for index, s in enumerate(self._sites)
+            if s.hooked
+        ]
+
+    def _group(self, model: Any) -> list[_Site]:
+        layers = decoder_layers(model)
+        biases = {(t.layer, t.name.rpartition(".")[0]): t for t in self.targets if t.is_bias}
+        sites = []
+        for t in self.targets:
+            if t.is_bias:
+                continue
+            path = t.name.rpartition(".")[0]
+            module, _ = _owner(layers[t.layer], t.name)
+            bias = biases.get((t.layer, path))
+            hooked = not self.norm_preserving or t.param.dim() == 2
+            sites.append(_Site(module, t.layer, t.component, t, bias, hooked))
+            if hooked and self.norm_preserving:
+                sites[-1].row_norms = _row_norms(t.param, t.out_axis)
+        return sites
 
     @property
     def copy_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._originals.values())
+        return sum(t.numel() * t.element_size() for ts in self._originals.values() for t in ts)
+
+    def close(self) -> None:
+        """Detach the hooks and restore the weights: the model is as it was loaded."""
+        self.reset()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     def reset(self) -> None:
+        self._active.clear()
         with torch.no_grad():
-            for target in self.targets:
-                if target.layer in self._dirty:
-                    target.param.data.copy_(self._originals[id(target.param)])
+            for site in self._sites:
+                if not site.hooked and site.layer in self._dirty:
+                    originals = self._originals[id(site.weight.param)]
+                    for t, original in zip((site.weight, site.bias), originals, strict=False):
+                        if t is not None:
+                            t.param.data.copy_(original)
         self._dirty.clear()
+
+    def edits(
+        self, params: AblationParams, directions: torch.Tensor
+    ) -> list[tuple[Target, torch.Tensor, float]]:
+        """Every touched tensor with its direction and weight under these parameters."""
+        found = []
+        for target in self.targets:
+            w = layer_weight(target.layer, params.component(target.component))
+            if w is None or w == 0.0:
+                continue
+            found.append((target, direction_for_layer(directions, params, target.layer), w))
+        return found
 
     def apply(
         self, params: AblationParams, directions: torch.Tensor
@@ -337,13 +423,106 @@ class Ablator:
             for layer in range(self.n_layers):
                 weights[comp].append(layer_weight(layer, params.component(comp)))
         with torch.no_grad():
-            for target in self.targets:
-                w = weights[target.component][target.layer]
+            for index, site in enumerate(self._sites):
+                w = weights[site.component][site.layer]
                 if w is None or w == 0.0:
                     continue
-                v = direction_for_layer(directions, params, target.layer)
+                v = direction_for_layer(directions, params, site.layer).float()
+                if not site.hooked:
+                    for t in (site.weight, site.bias):
+                        if t is not None:
+                            orthogonalize_(t.param, v, w, t.out_axis, True, t.is_bias)
+                    self._dirty.add(site.layer)
+                    continue
+                v = v.to(site.weight.param.device)
+                edit = _Edit(v, w)
+                if site.row_norms is not None:
+                    _norm_preserving_edit(site, edit)
+                self._active[index] = edit
+        return weights
+
+    def detach(self) -> None:
+        """Close, and let go of the model (for freeing it): this Ablator is not used again."""
+        self.close()
+        self.model = None
+        self._sites.clear()
+        self._originals.clear()
+        self.targets = []
+
+    def merge(self, params: AblationParams, directions: torch.Tensor) -> None:
+        """Write the trial into the weights themselves and drop the hooks (for saving the model
+        from memory when its source files cannot be merged shard by shard)."""
+        self.close()
+        with torch.no_grad():
+            for target, v, w in self.edits(params, directions):
                 orthogonalize_(
                     target.param, v, w, target.out_axis, self.norm_preserving, target.is_bias
                 )
-                self._dirty.add(target.layer)
-        return weights
+
+    def _hook(self, index: int) -> Any:
+        site = self._sites[index]
+
+        def hook(_module: Any, args: tuple[Any, ...], output: Any) -> Any:
+            edit = self._active.get(index)
+            if edit is None:
+                return None
+            y = output[0] if isinstance(output, tuple) else output
+            if edit.s is None:
+                if edit.cast is None or edit.cast[0].dtype != y.dtype:
+                    edit.cast = (edit.v.to(y.dtype), (-edit.w * edit.v).to(y.dtype))
+                v, scaled = edit.cast
+                y.addcmul_((y @ v).unsqueeze(-1), scaled)  # y - w v (v . y), in place
+                return None
+            assert edit.c is not None and edit.p is not None
+            work, x = y.float(), args[0].float()
+            bias = site.bias.param.float() if site.bias is not None else None
+            if bias is not None:
+                work = work - bias
+            work = work * edit.s - (x @ edit.p).unsqueeze(-1) * edit.c
+            if bias is not None:
+                work = work + bias - edit.w * (bias @ edit.v) * edit.v
+            new = work.to(y.dtype)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+
+def _standard_rows(weight: torch.Tensor, out_axis: int) -> torch.Tensor:
+    """A 2-D weight as (d_model, d_in): row i is what input features write to coordinate i."""
+    return weight if out_axis == 0 else weight.t()
+
+
+def _dense(param: torch.Tensor) -> torch.Tensor:
+    """The weight as numbers, dequantized when bitsandbytes holds it packed."""
+    state = getattr(param, "quant_state", None)
+    if state is not None:  # bnb 4-bit
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(param.data, state)
+    scale = getattr(param, "SCB", None)
+    if scale is not None and param.dtype == torch.int8:  # bnb 8-bit: int8 rows x absmax / 127
+        return param.data.float() * (scale.float().unsqueeze(1) / 127.0)
+    return param.data
+
+
+def _row_norms(param: torch.Tensor, out_axis: int) -> torch.Tensor:
+    rows = _standard_rows(_dense(param), out_axis)
+    return torch.cat([chunk.float().norm(dim=-1) for chunk in rows.split(4096)])
+
+
+def _norm_preserving_edit(site: _Site, edit: _Edit) -> None:
+    """The hook's terms for the published norm-preserving edit of a 2-D weight W (d, d_in):
+    unit rows U = W / r are edited to U - w v p^T with p = U^T v, then each row is scaled back
+    to its norm r, so W' = diag(s) W - w diag(s r) v p^T with s = 1 / |edited unit row|."""
+    assert site.row_norms is not None
+    rows = _standard_rows(_dense(site.weight.param), site.weight.out_axis)
+    r = site.row_norms.clamp_min(1e-12)
+    u = edit.v / r
+    p = torch.zeros(rows.shape[1], dtype=torch.float32, device=rows.device)
+    for start in range(0, rows.shape[0], 4096):  # float32 one slab at a time, not the matrix
+        p += rows[start : start + 4096].float().t() @ u[start : start + 4096]
+    q = torch.cat([chunk.float() @ p for chunk in rows.split(4096)]) / r
+    unit = (site.row_norms > 0).float()
+    length = (unit - 2 * edit.w * edit.v * q + (edit.w * edit.v) ** 2 * (p @ p)).clamp_min(0)
+    s = 1.0 / length.sqrt().clamp_min(1e-12)
+    edit.s, edit.p, edit.c = s, p, edit.w * s * site.row_norms * edit.v

@@ -11,14 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from abfleet.core.chat import ChatFormatter
-from abfleet.core.generate import (
-    encode_prompts,
-    forward,
-    greedy_generate,
-    make_batches,
-    model_device,
-    pad_token_id,
-)
+from abfleet.core.generate import encode_prompts, greedy_generate, next_token_logprobs
 from abfleet.core.markers import MarkerMatcher, is_degenerate
 
 
@@ -72,17 +65,8 @@ class Evaluator:
         self._bad_ids = encode_prompts(chat, self.bad)
         self.base_logprobs = self.first_token_logprobs()
 
-    @torch.inference_mode()
     def first_token_logprobs(self) -> torch.Tensor:
-        device = model_device(self.model)
-        rows: list[torch.Tensor | None] = [None] * len(self._good_ids)
-        pad = pad_token_id(self.chat.tokenizer)
-        for batch in make_batches(self._good_ids, self.batch_size, pad, device):
-            out = forward(self.model, batch)
-            logprobs = F.log_softmax(out.logits[:, -1, :].float(), dim=-1)
-            for r, i in enumerate(batch.rows):
-                rows[i] = logprobs[r]
-        return torch.stack([r for r in rows if r is not None])
+        return next_token_logprobs(self.model, self.chat, self._good_ids, self.batch_size)
 
     def kl(self) -> float:
         """KL(base || current) of the first answer token, averaged over good prompts."""

@@ -77,6 +77,22 @@ def forward(model: Any, batch: Batch, hidden_states: bool = False) -> Any:
     )
 
 
+@torch.inference_mode()
+def next_token_logprobs(
+    model: Any, chat: ChatFormatter, encoded: Sequence[list[int]], batch_size: int
+) -> torch.Tensor:
+    """Log-probs of the first answer token for each encoded prompt, in the prompts' order."""
+    import torch.nn.functional as F
+
+    rows: list[torch.Tensor | None] = [None] * len(encoded)
+    pad = pad_token_id(chat.tokenizer)
+    for batch in make_batches(encoded, batch_size, pad, model_device(model)):
+        logits = forward(model, batch).logits[:, -1, :].float()
+        for r, i in enumerate(batch.rows):
+            rows[i] = F.log_softmax(logits[r], dim=-1)
+    return torch.stack([r for r in rows if r is not None])
+
+
 def pad_token_id(tokenizer: Any) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if candidate is not None:

@@ -101,10 +101,13 @@ def load_model(
     device_map: str | None = "auto",
     tokenizer: Any = None,
     for_ablation: bool = True,
+    quantization: str = "none",
 ) -> LoadedModel:
     """Load with the first dtype that works; a dtype that fails to load or to answer is skipped.
 
-    for_ablation=False (a judge) skips the check that abliteration can edit the architecture."""
+    for_ablation=False (a judge) skips the check that abliteration can edit the architecture.
+    quantization "bnb-8bit" / "bnb-4bit" holds the weights in bitsandbytes' formats (the dtype
+    is then that of everything else, and the 4-bit matmuls' compute dtype)."""
     from transformers import AutoModelForCausalLM
 
     from abfleet.core.ablation import find_targets
@@ -112,10 +115,17 @@ def load_model(
     check_architecture(source)
     tok = tokenizer or load_tokenizer(source)
     location, kwargs = _load_kwargs(source)
+    if quantization != "none" and source.kind == "gguf":
+        raise UserError(
+            f"{source.display} is a GGUF file: quantized search needs the model's safetensors "
+            "(the export merges the edit into them); use its Hugging Face directory or hub id"
+        )
     use_map = device_map if (device_map and torch.cuda.is_available()) else None
     errors = []
     for name in dtypes:
         dtype: Any = name if name == "auto" else getattr(torch, name)
+        if quantization != "none":
+            kwargs["quantization_config"] = _bnb_config(quantization, dtype)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 location, dtype=dtype, device_map=use_map, **kwargs
@@ -143,6 +153,24 @@ def load_model(
         log.warning("%s as %s failed the smoke test: %s", source.display, name, problem)
         del model
     raise UserError(f"could not load {source.display} with any dtype ({'; '.join(errors)})")
+
+
+def _bnb_config(quantization: str, dtype: Any) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise UserError(
+            f"quantization {quantization} needs bitsandbytes: pip install 'bitsandbytes>=0.48'"
+        ) from exc
+    if quantization == "bnb-8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+    if not torch.cuda.is_available() and compute != torch.float32:
+        compute = torch.float32  # CPU kernels: half-precision compute is slower, not faster
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+    )
 
 
 def prepare_for_inference(model: Any) -> None:

@@ -127,5 +127,11 @@ def requirements(
             f"no GPU in config/gpus.toml holds {plan.gpu_memory_gb:.0f} GB: add a larger type or count"
         )
     return Requirements(
-        plan.gpu, plan.gpu_count * workers, plan.gpu_memory_each_gb * 0.95, disk, max_price, exclude
+        plan.gpu,
+        plan.gpu_count * workers,
+        plan.gpu_memory_each_gb * 0.95,
+        disk,
+        max_price,
+        exclude,
+        host_ram_gb=plan.host_ram_gb * workers,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from abfleet.errors import (
@@ -369,14 +370,7 @@ def create_fleet(
             rental.drop(instance.id)
             if exc.instance.machine_id:
                 used.add(exc.instance.machine_id)
-        retry = Requirements(
-            req.gpu_name,
-            req.gpu_count,
-            req.gpu_memory_gb,
-            req.disk_gb,
-            req.max_price,
-            tuple(sorted(used)),
-        )
+        retry = replace(req, exclude_machines=tuple(sorted(used)))
         offer = choose_offer(provider, retry)
         if provider.billable and offer.price_per_hour > confirmed.price_per_hour + 1e-9:
             _ask_for_dearer(provider, offer, confirmed, retry, plan, n_trials, confirm, say)

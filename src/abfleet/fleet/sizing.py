@@ -12,6 +12,7 @@ import math
 import re
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -46,12 +47,24 @@ DTYPE_BYTES = {
 TIME_EFFICIENCY = 0.1
 
 
+# Bytes per weight of the linear layers as bitsandbytes holds them: int8 plus a float32 scale per
+# row (8-bit); NF4 nibbles plus a float32 absmax per block of 64 (4-bit, no double quantization).
+QUANT_BYTES = {"none": 2.0, "bnb-8bit": 1.0, "bnb-4bit": 0.5 + 4 / 64}
+# bitsandbytes' kernels decode slower than bf16 at the same batch (dequantization per matmul):
+# assumed factors on the bf16 estimate until measured on a GPU (the live ETA replaces them).
+QUANT_SLOWDOWN = {"none": 1.0, "bnb-8bit": 2.5, "bnb-4bit": 1.3}
+QUANTIZATIONS = tuple(QUANT_BYTES)
+# Host RAM on the box: Python, torch and CUDA's host side, plus one shard being read.
+HOST_BASE_GB = 8.0
+DEFAULT_SHARD_GB = 5.0  # transformers' default max_shard_size when the shards are not at hand
+
+
 @dataclass
 class Shape:
     """What sizing needs to know of a model."""
 
     params: int
-    touched_params: int  # attention out + MLP down projections: the reset copy
+    touched_params: int  # attention out + MLP down projections (what the ablation edits)
     layers: int
     hidden: int
     vocab: int
@@ -59,6 +72,11 @@ class Shape:
     head_dim: int
     experts: int
     source: str  # how params were counted
+    embedding_params: int = 0  # embeddings and head: never quantized
+    largest_touched: int = 0  # the largest edited tensor (a fused expert tensor counts whole)
+    largest_linear: int = 0  # the largest 2-D weight a quantized matmul dequantizes
+    expert_touched: int = 0  # touched params inside fused expert tensors
+    largest_shard_gb: float = 0.0  # 0: unknown
 
 
 def _text_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -108,12 +126,29 @@ def shape_from_config(config: dict[str, Any], exact_params: int | None = None) -
         else:
             total += dense_mlp
             touched += inter * hidden
-    total += vocab * hidden * (1 if tied else 2) + hidden
+    embeddings = vocab * hidden * (1 if tied else 2)
+    total += embeddings + hidden
     total += _vision_params(config, hidden)
     source = "config.json"
     if exact_params:
         total, source = exact_params, "safetensors metadata"
-    return Shape(total, touched, layers, hidden, vocab, kv_heads, head_dim, experts, source)
+    largest_touched = max(hidden * inter, hidden * q_out, experts * expert_inter * hidden)
+    expert_touched = experts * expert_inter * hidden * (layers - dense_layers) if experts else 0
+    return Shape(
+        total,
+        touched,
+        layers,
+        hidden,
+        vocab,
+        kv_heads,
+        head_dim,
+        experts,
+        source,
+        embedding_params=embeddings,
+        largest_touched=largest_touched,
+        largest_linear=hidden * max(inter, q_out, 2 * expert_inter),
+        expert_touched=expert_touched,
+    )
 
 
 def _vision_params(config: dict[str, Any], text_hidden: int) -> int:
@@ -176,8 +211,11 @@ def _editable_config(path: Path) -> dict[str, Any]:
 def shape_for_source(source: ModelSource) -> tuple[Shape, str]:
     if source.kind == "dir":
         path = Path(source.location)
-        exact = _safetensors_params(sorted(path.glob("*.safetensors")))
-        return shape_from_config(_editable_config(path), exact), str(path)
+        shards = sorted(path.glob("*.safetensors"))
+        exact = _safetensors_params(shards)
+        shape = shape_from_config(_editable_config(path), exact)
+        shape.largest_shard_gb = max((p.stat().st_size for p in shards), default=0) / GB
+        return shape, str(path)
     if source.kind == "gguf":
         return _gguf_shape(Path(source.location) / (source.gguf_file or "")), source.display
     return _hub_shape(source.location), source.location
@@ -268,6 +306,10 @@ class Plan:
     reset_copy: str = "device"
     reasons: list[str] = field(default_factory=list)
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    quantization: str = "none"
+    host_ram_gb: float = 0.0
+    # The cheapest fitting option at each quantization (None: nothing in the catalog holds it).
+    by_quantization: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -300,29 +342,149 @@ def plan(
     dtype_bytes: int = 2,
     dtype: str = "bfloat16",
     n_trials: int = 200,
+    quantization: str = "none",
+    norm_preserving: bool = False,
 ) -> Plan:
     cfg = settings().sizing
     batch = batch_size or cfg.default_batch_size
     params_b = shape.params / 1e9
-    weights = shape.params * dtype_bytes / GB
+    full = shape.params * dtype_bytes / GB  # what is downloaded and exported
+
+    # A batch the user did not fix may be halved (twice) to fit a cheaper card: more decode
+    # steps per trial, which the cost estimate counts.
+    batches = (batch,) if batch_size else tuple(b for b in (batch, batch // 2, batch // 4) if b)
+
+    def parts_at(q: str, b: int) -> dict[str, float]:
+        found = gpu_parts(shape, b, max_new_tokens, n_eval, dtype_bytes, q)
+        if norm_preserving and shape.expert_touched:
+            # Fused experts keep their norms only by an in-place edit: their originals are copied.
+            found["reset copy"] = shape.expert_touched * dtype_bytes / GB
+        return found
+
+    # Layers split over several GPUs run one after another (device_map="auto"): more GPUs add
+    # memory, not speed. So types are ranked by the estimated cost of the whole job, setup
+    # (download, load, directions) included.
+    candidates = fitting(
+        shape,
+        lambda b: parts_at(quantization, b),
+        batches,
+        full,
+        n_eval,
+        max_new_tokens,
+        n_trials,
+        quantization,
+    )
+    chosen = candidates[0] if candidates else None
+    batch = chosen["batch"] if chosen else batch
+    parts = parts_at(quantization, batch)
+    weights = parts["weights"]
+    at = dtype if quantization == "none" else f"{quantization} ({dtype} embeddings and head)"
     reasons = [
         f"parameters: {params_b:.2f}B (from {shape.source})",
-        f"weights: {weights:.1f} GB at {dtype}",
+        f"weights: {weights:.1f} GB at {at}",
     ]
 
-    disk_formula = 2 * weights + cfg.disk_overhead_gb
+    disk_formula = 2 * full + cfg.disk_overhead_gb
     floor = min_disk_for(params_b, cfg)
     disk = int(math.ceil(max(disk_formula, floor) / 10.0) * 10)
-    why = f"disk: {disk} GB = 2 x {weights:.1f} GB weights + {cfg.disk_overhead_gb:.0f} GB, rounded up"
+    why = (
+        f"disk: {disk} GB = 2 x {full:.1f} GB {dtype} weights (download, export) "
+        f"+ {cfg.disk_overhead_gb:.0f} GB, rounded up"
+    )
     if floor > disk_formula:
         why += f" and raised to the field minimum for {params_b:.0f}B ({floor:.0f} GB)"
     reasons.append(why)
-    free_needed = round(2 * weights + 5, 1)
+    free_needed = round(2 * full + 5, 1)
+    host_ram, host_why = host_ram_for(shape)
+    reasons.append(f"host RAM: {host_ram:.0f} GB = {host_why}")
 
+    need = sum(parts.values())
     seq = cfg.prompt_tokens + max_new_tokens
+    reasons.append(
+        f"GPU memory: {need:.1f} GB = "
+        + " + ".join(f"{v:.2g} {k}" if v < 0.1 else f"{v:.1f} {k}" for k, v in parts.items())
+        + f" (batch {batch}, {seq} tokens)"
+    )
+
+    est = chosen["seconds"] if chosen else None
+    if chosen:
+        g, n = chosen["gpu"], chosen["count"]
+        line = (
+            f"GPU: {n}x {g.name} ({g.memory_gb:.0f} GB each, ~{chosen['price']:.2f} $/h, "
+            f"~{chosen['cost']:.1f} $ for {n_trials} trials): lowest estimated job cost that fits"
+        )
+        if chosen["copy"] == "cpu":
+            line += f", with the {parts['reset copy']:.1f} GB reset copy in host memory"
+        dearer = [
+            c for c in candidates if c is not chosen and c["gpu"].bandwidth_tbps > g.bandwidth_tbps
+        ]
+        if dearer:
+            c = dearer[0]
+            line += f"; {c['count']}x {c['gpu'].name} would be faster but ~{c['cost']:.1f} $ in all"
+        reasons.append(line)
+    else:
+        reasons.append(f"GPU: nothing in the catalog holds {need:.0f} GB")
+    if quantization != "none":
+        reasons.append(
+            f"speed: x{QUANT_SLOWDOWN[quantization]} on the bf16 estimate for {quantization}'s "
+            "kernels (assumed until measured); the export is full precision"
+        )
+    by_quantization: dict[str, dict[str, Any] | None] = {}
+    for q in QUANTIZATIONS:
+        best = fitting(
+            shape,
+            lambda b, q=q: parts_at(q, b),
+            batches,
+            full,
+            n_eval,
+            max_new_tokens,
+            n_trials,
+            q,
+        )
+        by_quantization[q] = _candidate_dict(best[0]) if best else None
+    return Plan(
+        model=model,
+        params=shape.params,
+        params_source=shape.source,
+        dtype=dtype,
+        weights_gb=round(weights, 2),
+        disk_gb=disk,
+        free_disk_gb=free_needed,
+        gpu_memory_gb=round(need, 1),
+        memory_parts={k: round(v, 3) for k, v in parts.items()},
+        gpu=chosen["gpu"].name if chosen else None,
+        gpu_count=chosen["count"] if chosen else 0,
+        gpu_memory_each_gb=chosen["gpu"].memory_gb if chosen else 0.0,
+        price_per_hour=round(chosen["price"], 2) if chosen else None,
+        est_seconds_per_trial=round(est, 1) if est else None,
+        reset_copy=chosen["copy"] if chosen else "device",
+        reasons=reasons,
+        candidates=[_candidate_dict(c) for c in candidates],
+        quantization=quantization,
+        host_ram_gb=host_ram,
+        by_quantization=by_quantization,
+    )
+
+
+def gpu_parts(
+    shape: Shape,
+    batch: int,
+    max_new_tokens: int,
+    n_eval: int,
+    dtype_bytes: int,
+    quantization: str,
+) -> dict[str, float]:
+    """GPU memory by what uses it, in GB. The ablation is a delta on module outputs: per edited
+    module a direction and, when rows keep their norms, three vectors; no copy of any matrix."""
+    cfg = settings().sizing
+    seq = cfg.prompt_tokens + max_new_tokens
+    linear = shape.params - shape.embedding_params
+    weight_bytes = shape.embedding_params * dtype_bytes + linear * (
+        dtype_bytes if quantization == "none" else QUANT_BYTES[quantization]
+    )
     parts = {
-        "weights": weights,
-        "reset copy": shape.touched_params * dtype_bytes / GB,
+        "weights": weight_bytes / GB,
+        "deltas": shape.layers * 2 * 4 * shape.hidden * 4 / GB,
         "KV cache": 2
         * shape.layers
         * shape.kv_heads
@@ -338,90 +500,89 @@ def plan(
         / GB,
         "CUDA context": cfg.cuda_context_gb,
     }
-    need = sum(parts.values())
-    reasons.append(
-        f"GPU memory: {need:.1f} GB = "
-        + " + ".join(f"{v:.1f} {k}" for k, v in parts.items())
-        + f" (batch {batch}, {seq} tokens)"
+    if quantization != "none":  # each matmul dequantizes its weight into a scratch matrix
+        parts["dequantize scratch"] = 2 * shape.largest_linear * dtype_bytes / GB
+    return parts
+
+
+def host_ram_for(shape: Shape) -> tuple[float, str]:
+    """Host RAM the box needs: the load streams shards to the GPU, and the export merges one
+    shard at a time (its edited tensors in float32): never the whole model."""
+    shard = shape.largest_shard_gb or DEFAULT_SHARD_GB
+    merge = 3 * shape.largest_touched * 4 / GB
+    total = math.ceil(HOST_BASE_GB + shard + merge)
+    known = "largest shard" if shape.largest_shard_gb else "a shard (default size)"
+    return float(total), (
+        f"{HOST_BASE_GB:.0f} GB runtime + {shard:.1f} GB {known} + {merge:.1f} GB float32 "
+        "merge of the largest edited tensor (the export goes shard by shard)"
     )
 
-    # Layers split over several GPUs run one after another (device_map="auto"): more GPUs add
-    # memory, not speed. So types are ranked by the estimated cost of the whole job, setup
-    # (download, load, directions) included. When the reset copy is what keeps a card from
-    # fitting, it may live in host memory instead (a reset is then a host-to-device copy).
-    setup_h = setup_hours(weights)
+
+def fitting(
+    shape: Shape,
+    parts_for: Callable[[int], dict[str, float]],
+    batches: tuple[int, ...],
+    full_gb: float,
+    n_eval: int,
+    max_new_tokens: int,
+    n_trials: int,
+    quantization: str,
+) -> list[dict[str, Any]]:
+    """Per GPU type, the fewest GPUs that hold it (at the largest batch that fits), cheapest
+    estimated job first. A reset copy (norm-preserving fused experts only) that is all that
+    keeps a card from fitting moves to host memory."""
+    usable_fraction = settings().sizing.usable_fraction
+    setup_h = setup_hours(full_gb)
+    slowdown = QUANT_SLOWDOWN.get(quantization, 1.0)
     candidates = []
     for gpu in gpu_catalog():
+        found = None
         for count in gpu.counts:
-            usable = count * gpu.memory_gb * cfg.usable_fraction
-            if need <= usable:
-                copy = "device"
-            elif need - parts["reset copy"] <= usable:
-                copy = "cpu"
-            else:
-                continue
-            seconds = _seconds_per_trial(shape, weights, n_eval, batch, max_new_tokens, gpu)
-            price = gpu.price_per_hour * count
-            cost = price * (n_trials * seconds / 3600 + setup_h)
-            candidates.append(
-                {
-                    "gpu": gpu,
-                    "count": count,
-                    "price": price,
-                    "seconds": seconds,
-                    "cost": cost,
-                    "copy": copy,
-                }
-            )
-            break
-    candidates.sort(key=lambda c: (c["cost"], c["price"]))
-    chosen = candidates[0] if candidates else None
-    est = chosen["seconds"] if chosen else None
-    if chosen:
-        g, n = chosen["gpu"], chosen["count"]
-        line = (
-            f"GPU: {n}x {g.name} ({g.memory_gb:.0f} GB each, ~{chosen['price']:.2f} $/h, ~{chosen['cost']:.1f} $ "
-            f"for {n_trials} trials): lowest estimated job cost that fits"
-        )
-        if chosen["copy"] == "cpu":
-            line += f", with the {parts['reset copy']:.1f} GB reset copy in host memory"
-        dearer = [
-            c for c in candidates if c is not chosen and c["gpu"].bandwidth_tbps > g.bandwidth_tbps
-        ]
-        if dearer:
-            c = dearer[0]
-            line += f"; {c['count']}x {c['gpu'].name} would be faster but ~{c['cost']:.1f} $ in all"
-        reasons.append(line)
-    else:
-        reasons.append(f"GPU: nothing in the catalog holds {need:.0f} GB")
-    return Plan(
-        model=model,
-        params=shape.params,
-        params_source=shape.source,
-        dtype=dtype,
-        weights_gb=round(weights, 2),
-        disk_gb=disk,
-        free_disk_gb=free_needed,
-        gpu_memory_gb=round(need, 1),
-        memory_parts={k: round(v, 2) for k, v in parts.items()},
-        gpu=chosen["gpu"].name if chosen else None,
-        gpu_count=chosen["count"] if chosen else 0,
-        gpu_memory_each_gb=chosen["gpu"].memory_gb if chosen else 0.0,
-        price_per_hour=round(chosen["price"], 2) if chosen else None,
-        est_seconds_per_trial=round(est, 1) if est else None,
-        reset_copy=chosen["copy"] if chosen else "device",
-        reasons=reasons,
-        candidates=[
+            for batch in batches:
+                parts = parts_for(batch)
+                need = sum(parts.values())
+                copy_gb = parts.get("reset copy", 0.0)
+                usable = count * gpu.memory_gb * usable_fraction
+                if need <= usable:
+                    found = (count, batch, need, "device")
+                elif copy_gb and need - copy_gb <= usable:
+                    found = (count, batch, need, "cpu")
+                if found:
+                    break
+            if found:
+                break
+        if not found:
+            continue
+        count, batch, need, copy = found
+        seconds = slowdown * _seconds_per_trial(shape, full_gb, n_eval, batch, max_new_tokens, gpu)
+        price = gpu.price_per_hour * count
+        cost = price * (n_trials * seconds / 3600 + setup_h)
+        candidates.append(
             {
-                "gpu": c["gpu"].name,
-                "count": c["count"],
-                "price_per_hour": round(c["price"], 2),
-                "est_job_cost": round(c["cost"], 2),
-                "est_seconds_per_trial": round(c["seconds"], 2),
+                "gpu": gpu,
+                "count": count,
+                "batch": batch,
+                "need": need,
+                "price": price,
+                "seconds": seconds,
+                "cost": cost,
+                "copy": copy,
             }
-            for c in candidates
-        ],
-    )
+        )
+    candidates.sort(key=lambda c: (c["cost"], c["price"]))
+    return candidates
+
+
+def _candidate_dict(c: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "gpu": c["gpu"].name,
+        "count": c["count"],
+        "batch": c["batch"],
+        "gpu_memory_gb": round(c["need"], 1),
+        "price_per_hour": round(c["price"], 2),
+        "est_job_cost": round(c["cost"], 2),
+        "est_seconds_per_trial": round(c["seconds"], 2),
+    }
 
 
 def _seconds_per_trial(
@@ -455,38 +616,47 @@ def with_gpu(plan: Plan, choice: str) -> Plan:
             f"--gpu {choice}: {gpu.name} boxes come with {', '.join(map(str, gpu.counts))} GPUs"
         )
     usable = settings().sizing.usable_fraction
-    need = plan.gpu_memory_gb
-    lean = need - plan.memory_parts.get("reset copy", 0.0)
-    for count in counts:
-        room = count * gpu.memory_gb * usable
-        if need <= room or lean <= room:
-            break
-    else:
-        raise UserError(
-            f"--gpu {choice}: {counts[-1]}x {gpu.name} holds {room:.0f} GB usable, but this model "
-            f"needs {lean:.0f} GB even with the reset copy in host memory; "
-            f"`abfleet size` lists what fits ({plan.gpu_count}x {plan.gpu} is the cheapest)"
-        )
+    # The plan's candidates hold the fewest GPUs of each type that fit (at the largest batch).
     known = next((c for c in plan.candidates if c["gpu"] == gpu.name), None)
+    count = int(m[2]) if m[2] else (known["count"] if known else counts[-1])
+    if known is None or count < known["count"]:
+        room = count * gpu.memory_gb * usable
+        copy = plan.memory_parts.get("reset copy", 0.0)
+        lean = plan.gpu_memory_gb - copy
+        raise UserError(
+            f"--gpu {choice}: {count}x {gpu.name} holds {room:.0f} GB usable, but this model "
+            f"needs {lean:.0f} GB"
+            + (" even with the reset copy in host memory" if copy else "")
+            + f"; `abfleet size` lists what fits ({plan.gpu_count}x {plan.gpu} is the cheapest)"
+        )
+    room = count * gpu.memory_gb * usable
     return replace(
         plan,
         gpu=gpu.name,
         gpu_count=count,
         gpu_memory_each_gb=gpu.memory_gb,
-        reset_copy="device" if need <= room else "cpu",
+        gpu_memory_gb=known["gpu_memory_gb"],
+        reset_copy="device" if known["gpu_memory_gb"] <= room else "cpu",
         price_per_hour=gpu.price_per_hour * count,
-        est_seconds_per_trial=known["est_seconds_per_trial"]
-        if known
-        else plan.est_seconds_per_trial,
-        reasons=[*plan.reasons, f"GPU: {count}x {gpu.name}, as chosen with --gpu"],
+        est_seconds_per_trial=known["est_seconds_per_trial"],
+        reasons=[
+            *plan.reasons,
+            f"GPU: {count}x {gpu.name}, as chosen with --gpu (fits at batch {known['batch']})",
+        ],
     )
 
 
-def plan_for(model: str, job_arg: str | None = None, batch_size: int | None = None) -> Plan:
-    """Sizing for `abfleet size`: the job (if any) gives batch size, cap and prompt count."""
+def plan_for(
+    model: str,
+    job_arg: str | None = None,
+    batch_size: int | None = None,
+    quantization: str | None = None,
+) -> Plan:
+    """Sizing for `abfleet size`: the job (if any) gives batch size, cap, prompt count,
+    quantization and ablation kind."""
     from abfleet.job.spec import load_job
 
-    max_new, n_eval, dtype, n_trials = 30, 200, "bfloat16", 200
+    max_new, n_eval, dtype, n_trials, norm_preserving = 30, 200, "bfloat16", 200, False
     if job_arg:
         job = load_job(job_arg)
         max_new = job.spec.evaluation.max_new_tokens
@@ -494,8 +664,21 @@ def plan_for(model: str, job_arg: str | None = None, batch_size: int | None = No
         prompts = job.load_all_prompts()
         n_eval = len(prompts["bad_eval"]) + len(prompts["good_eval"])
         n_trials = job.spec.search.n_trials
+        quantization = quantization or job.spec.model_options.quantization
+        norm_preserving = job.spec.ablation.norm_preserving
     shape, label = shape_for(model)
-    return plan(shape, label, batch_size, max_new, n_eval, 2, dtype, n_trials)
+    return plan(
+        shape,
+        label,
+        batch_size,
+        max_new,
+        n_eval,
+        2,
+        dtype,
+        n_trials,
+        quantization or "none",
+        norm_preserving,
+    )
 
 
 def plan_for_job(job: Job, prompts: dict[str, list[str]], source: ModelSource) -> Plan:
@@ -510,4 +693,6 @@ def plan_for_job(job: Job, prompts: dict[str, list[str]], source: ModelSource) -
         2,
         "bfloat16",
         job.spec.search.n_trials,
+        job.spec.model_options.quantization,
+        job.spec.ablation.norm_preserving,
     )

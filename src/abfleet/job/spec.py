@@ -81,6 +81,9 @@ class ModelOptions(_Strict):
     batch_size: int = Field(default=0, ge=0)  # 0: find by doubling
     max_batch_size: int = Field(default=128, ge=1)
     reset_copy: str = Field(default="device", pattern="^(device|cpu)$")
+    # The base weights as the search holds them (bitsandbytes); the ablation is a delta on
+    # top, and the export is always merged into the full-precision source.
+    quantization: str = Field(default="none", pattern="^(none|bnb-8bit|bnb-4bit)$")
 
     @field_validator("dtypes")
     @classmethod
@@ -227,6 +230,7 @@ FLAG_KEYS = {
     "system_prompt": "system_prompt",
     "batch_size": "model_options.batch_size",
     "dtype": "model_options.dtypes",
+    "quantization": "model_options.quantization",
     "max_new_tokens": "evaluation.max_new_tokens",
     "long_tokens": "evaluation.long_new_tokens",
     "rescore": "evaluation.rescore",

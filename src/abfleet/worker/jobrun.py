@@ -7,6 +7,7 @@ status file.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import platform
@@ -28,7 +29,7 @@ from abfleet.core.evaluate import Evaluator
 from abfleet.core.export import export_model
 from abfleet.core.judge import Judge
 from abfleet.core.markers import MarkerMatcher
-from abfleet.core.model import load_model
+from abfleet.core.model import LoadedModel, load_model
 from abfleet.core.pipeline import (
     chat_formatter,
     search_settings,
@@ -39,7 +40,7 @@ from abfleet.core.pipeline import (
 from abfleet.core.rescore import BASELINE, rescore_front
 from abfleet.core.result import choose_trial, completed, long_fields, pareto_front, trial_row
 from abfleet.errors import UserError
-from abfleet.job.source import judge_source, materialize, resolve_source
+from abfleet.job.source import ModelSource, judge_source, materialize, resolve_source
 from abfleet.job.spec import Job
 from abfleet.job.storage import redact_url
 from abfleet.render import fmt_kl
@@ -199,7 +200,13 @@ def _run(
     source = materialize(
         resolve_source(spec.model), progress=lambda m: reporter.phase("loading", m)
     )
-    loaded = load_model(source, tuple(spec.model_options.dtypes), spec.model_options.device_map)
+    quantization = spec.model_options.quantization
+    loaded = load_model(
+        source,
+        tuple(spec.model_options.dtypes),
+        spec.model_options.device_map,
+        quantization=quantization,
+    )
     chat = chat_formatter(loaded, spec.system_prompt)
     matcher = MarkerMatcher(spec.markers)
     chat.answer_prefix = shared_answer_prefix(
@@ -340,7 +347,6 @@ def _run(
         rescore=rescore,
     )
     params = search.params_from_trial(choice.trial, ablator.n_layers)
-    ablator.apply(params, directions)
     chosen = {
         **trial_row(choice.trial, rescore),
         "reason": choice.reason,
@@ -370,10 +376,39 @@ def _run(
         },
         "host": platform.node(),
     }
+
+    def release() -> None:
+        # The export is loaded for its check where this model is: drop every reference first.
+        ablator.detach()
+        evaluator.model = None
+        loaded.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def reload(folder: Path) -> LoadedModel:
+        return load_model(
+            ModelSource("dir", str(folder)),
+            (loaded.dtype,),
+            spec.model_options.device_map,
+            for_ablation=False,
+            quantization=quantization,
+        )
+
     check = export_model(
-        loaded.model, loaded.tokenizer, chat, run.model_dir, record, prompts["good_eval"][0]
+        loaded,
+        ablator,
+        params,
+        directions,
+        chat,
+        run.model_dir,
+        record,
+        prompts["good_eval"][:4] + prompts["bad_eval"][:4],
+        reload,
+        release,
+        quantized=quantization != "none",
+        batch_size=min(batch_size, 8),
     )
-    ablator.reset()
     timings["export"] = time.monotonic() - t0
     result.chosen = chosen
     result.model_dir = run.model_dir

@@ -28,6 +28,7 @@ class Requirements:
     max_price: float | None = None
     exclude_machines: tuple[int, ...] = ()
     extra_ports: tuple[int, ...] = ()
+    host_ram_gb: float = 0.0  # the box's RAM (sizing: the load and the shard-wise export)
 
 
 @dataclass(frozen=True)

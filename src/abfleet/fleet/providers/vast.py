@@ -112,6 +112,7 @@ class VastProvider:
         filters += [
             ("gpu_ram", f"gpu_ram>={req.gpu_memory_gb:g}"),  # GB: the SDK turns it into MB
             ("disk_space", f"disk_space>={req.disk_gb}"),
+            ("cpu_ram", f"cpu_ram>={req.host_ram_gb:g}"),  # GB, like gpu_ram
             ("cuda_max_good", f"cuda_max_good>={self.cfg.min_cuda:g}"),
             ("reliability", f"reliability>={self.cfg.min_reliability:g}"),
             ("inet_down", f"inet_down>={self.cfg.min_inet_down_mbps:g}"),
