@@ -315,6 +315,7 @@ def profile(args: argparse.Namespace) -> None:
         spec = importlib.util.spec_from_file_location("other_ablation", args.compare_ablation)
         assert spec is not None and spec.loader is not None
         other = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = other  # dataclasses look their module up there
         spec.loader.exec_module(other)
         ablators["other"] = other.Ablator(loaded.model)
     n_layers = ablators["now"].n_layers
@@ -365,6 +366,7 @@ def main() -> None:
     parser.add_argument("--reference-venv", default=str(OUT / "heretic-venv"))
     parser.add_argument("--setup-reference", action="store_true")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--skip-abfleet", action="store_true")
     parser.add_argument("--markers", choices=("job", "short"), default="job")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"))
     parser.add_argument("--abfleet-src", help="run abfleet from this checkout instead")
@@ -382,7 +384,7 @@ def main() -> None:
     from abfleet.demo.refusal_tune import ensure_demo_model
 
     model_dir = ensure_demo_model()
-    results = [run_abfleet(args, model_dir)]
+    results = [] if args.skip_abfleet else [run_abfleet(args, model_dir)]
     if not args.skip_reference:
         results.append(run_reference(args, model_dir))
 
