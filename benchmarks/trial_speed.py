@@ -19,9 +19,9 @@ with --compare-ablation FILE it replays them also through another checkout's abl
 interleaved trial by trial on the same loaded model (an A/B that machine drift cannot skew).
 
 The reference runs from its own venv (created with `--setup-reference`, which installs
-heretic-llm==1.4.0 and torch==2.13.0 into benchmarks/out/heretic-venv). After its trials it
-opens menus that need a terminal; it is run without one, so it stops there and its Pareto front
-is read from its Optuna journal.
+heretic-llm==1.4.0 into benchmarks/out/heretic-venv, reusing this Python's torch). After its
+trials it opens menus that need a terminal; it is run without one, so it stops there and its
+Pareto front is read from its Optuna journal.
 """
 
 from __future__ import annotations
@@ -269,9 +269,11 @@ def run_reference(args: argparse.Namespace, model_dir: Path) -> dict:
 
 
 def setup_reference(venv: Path) -> None:
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # With the system's packages visible, so the one torch installed here is reused (a test box
+    # never gets a second torch); pip adds only what heretic needs beyond it.
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "torch==2.13.0", "heretic-llm==1.4.0"], check=True)
+    subprocess.run([*pip, "heretic-llm==1.4.0"], check=True)
 
 
 def profile(args: argparse.Namespace) -> None:
