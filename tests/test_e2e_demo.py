@@ -61,6 +61,12 @@ def test_abliteration_removes_refusals_and_the_export_reproduces_the_figures(dem
     assert before["long_refusals"] >= 0.8 * before["n_bad"], before
     assert after["long_refusals"] <= 0.2 * after["n_bad"], after
     assert record["study"]["complete"] == TRIALS
+    # `after` is measured on the saved weights; the search saw the same edit as deltas on the
+    # bf16 outputs, so its own figures for the trial differ by rounding at most.
+    search = record["after_search"]
+    assert (
+        abs(search["refusals"] - after["refusals"]) <= 2 and abs(search["kl"] - after["kl"]) < 0.02
+    )
 
     model_dir = out / "model"
     assert manifest.verify(model_dir, manifest.parse((model_dir / manifest.NAME).read_text())) == []

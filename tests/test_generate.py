@@ -98,3 +98,45 @@ def test_marker_matching_normalizes_case_and_apostrophes():
 )
 def test_degenerate_detection(text, degenerate):
     assert is_degenerate(text) is degenerate
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2_moe"])
+def test_a_shared_prefix_runs_once_and_changes_no_logit(kind, tokenizer):
+    """The chat template and system prompt every prompt starts with are computed once per batch
+    and shared through the cache: fewer tokens through the model, the same distributions."""
+    import torch.nn.functional as F
+
+    from abfleet.core.generate import (
+        MIN_SHARED_PREFIX,
+        make_batches,
+        next_token_logprobs,
+        pad_token_id,
+    )
+
+    model = make_model(kind, len(tokenizer), seed=3)
+    chat = ChatFormatter(tokenizer, "You are a helpful assistant.")
+    encoded = encode_prompts(chat, PROMPTS)
+    batches = make_batches(encoded, 4, pad_token_id(tokenizer), torch.device("cpu"), True)
+    assert all(b.prefix is not None and b.prefix.shape[1] >= MIN_SHARED_PREFIX for b in batches)
+
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _out: seen.append(args[0].numel())
+    )
+    try:
+        shared = next_token_logprobs(model, chat, encoded, 4)
+    finally:
+        hook.remove()
+    padded_without_sharing = sum(
+        len(b.rows) * (b.position_ids[:, -1].max().item() + 1) for b in batches
+    )  # every row of a batch padded to its longest prompt
+    assert sum(seen) < 0.7 * padded_without_sharing
+
+    with torch.no_grad():
+        alone = torch.stack(
+            [
+                F.log_softmax(model(input_ids=torch.tensor([e])).logits[0, -1].float(), -1)
+                for e in encoded
+            ]
+        )
+    assert torch.allclose(shared, alone, atol=1e-4)

@@ -320,9 +320,10 @@ class _Edit:
     s: torch.Tensor | None = None
     c: torch.Tensor | None = None
     p: torch.Tensor | None = None
-    # v and -w v in the outputs' dtype, made on first use: the plain delta is then two ops
-    # on the output in place (a dot product and a fused multiply-add), no float32 copies.
-    cast: tuple[torch.Tensor, torch.Tensor] | None = None
+    scaled: torch.Tensor = field(init=False)  # -w v, what the plain delta adds per unit of v.y
+
+    def __post_init__(self) -> None:
+        self.scaled = -self.w * self.v
 
 
 class Ablator:
@@ -467,11 +468,9 @@ class Ablator:
             if edit is None:
                 return None
             y = output[0] if isinstance(output, tuple) else output
-            if edit.s is None:
-                if edit.cast is None or edit.cast[0].dtype != y.dtype:
-                    edit.cast = (edit.v.to(y.dtype), (-edit.w * edit.v).to(y.dtype))
-                v, scaled = edit.cast
-                y.addcmul_((y @ v).unsqueeze(-1), scaled)  # y - w v (v . y), in place
+            if edit.s is None:  # y - w v (v . y) in float32, rounded once, written in place
+                work = y.float()
+                y.copy_(work.addcmul_((work @ edit.v).unsqueeze(-1), edit.scaled))
                 return None
             assert edit.c is not None and edit.p is not None
             work, x = y.float(), args[0].float()

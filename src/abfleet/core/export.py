@@ -83,11 +83,16 @@ def export_model(
     release: Callable[[], None],
     quantized: bool = False,
     batch_size: int = 8,
+    measure: Callable[[Any], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write the trial's model to target and return the check's figures.
 
     release() must drop every reference to the search model (it is not used again): the
-    export is loaded for the check in its place, so the two never share the GPU."""
+    export is loaded for the check in its place, so the two never share the GPU.
+
+    measure(model) scores the loaded export as the search scored trials: its figures become the
+    record's `after` (the search's own figures for the trial stay as `after_search`), so what a
+    user reads is what the saved weights do, rounding of merged weights included."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -114,13 +119,16 @@ def export_model(
             how = "saved from memory"
         saved = time.monotonic()
         release()
-        check = _check(tmp, reload, chat, check_prompts, reference, batch_size, quantized)
+        check = _check(tmp, reload, chat, check_prompts, reference, batch_size, quantized, measure)
         check.update(
             how=how,
             save_seconds=round(saved - started, 2),
             check_seconds=round(time.monotonic() - saved, 2),
         )
         record = {**run_record, "load_check": check, "versions": versions()}
+        if check.get("figures"):
+            record["after_search"] = run_record.get("after")
+            record["after"] = {**(run_record.get("after") or {}), **check["figures"]}
         (tmp / RUN_FILE).write_text(
             json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8"
         )
@@ -217,9 +225,11 @@ def _check(
     reference: torch.Tensor,
     batch_size: int,
     quantized: bool,
+    measure: Callable[[Any], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     encoded = encode_prompts(chat, prompts)
     back = reload(folder)
+    figures = None
     try:
         got = next_token_logprobs(back.model, chat, encoded, batch_size).cpu()
         kl = (reference.exp() * (reference - got)).sum(dim=-1).clamp_min(0)
@@ -228,6 +238,8 @@ def _check(
         back_chat.answer_prefix = chat.answer_prefix
         same_tokens = encode_prompts(back_chat, prompts[:1])[0] == encoded[0]
         answer = greedy_generate(back.model, back_chat, prompts[:1], 24, 1)[0]
+        if measure is not None:
+            figures = measure(back.model)
     finally:
         del back
         if torch.cuda.is_available():
@@ -240,6 +252,8 @@ def _check(
         "prompt": prompts[0],
         "answer": answer.text,
     }
+    if figures is not None:
+        check["figures"] = figures
     limit = KL_LIMIT_QUANTIZED if quantized else KL_LIMIT
     if check["max_kl"] > limit or not same_tokens:
         raise UserError(

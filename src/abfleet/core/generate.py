@@ -33,6 +33,9 @@ class Batch:
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     rows: list[int]  # index of each row in the caller's prompt list
+    # Tokens every row starts with (chat template, system prompt), run once and shared through
+    # the KV cache; input_ids then hold only what follows, its positions counted after them.
+    prefix: torch.Tensor | None = None
 
 
 def model_device(model: Any) -> torch.device:
@@ -44,24 +47,76 @@ def encode_prompts(chat: ChatFormatter, prompts: Sequence[str]) -> list[list[int
     return [tok(chat.format(p), add_special_tokens=False)["input_ids"] for p in prompts]
 
 
+# A shared prefix shorter than this is not worth a second forward call.
+MIN_SHARED_PREFIX = 8
+
+
 def make_batches(
-    encoded: Sequence[list[int]], batch_size: int, pad_id: int, device: torch.device
+    encoded: Sequence[list[int]],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    share_prefix: bool = False,
 ) -> list[Batch]:
-    """Group prompts of similar length (less padding), left pad, and derive position ids."""
+    """Group prompts of similar length (less padding), left pad, and derive position ids.
+
+    share_prefix: the tokens all rows of a batch start with become the batch's prefix, to be
+    computed once (see prefill); every row keeps at least one token of its own."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     batches = []
     for start in range(0, len(order), max(1, batch_size)):
         rows = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in rows)
+        shared = _common_prefix([encoded[i] for i in rows]) if share_prefix and len(rows) > 1 else 0
+        if shared < MIN_SHARED_PREFIX:
+            shared = 0
+        width = max(len(encoded[i]) for i in rows) - shared
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, i in enumerate(rows):
-            seq = encoded[i]
+            seq = encoded[i][shared:]
             ids[r, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
             mask[r, width - len(seq) :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        batches.append(Batch(ids.to(device), mask.to(device), pos.to(device), rows))
+        pos = (mask.cumsum(-1) - 1).clamp(min=0) + shared
+        prefix = torch.tensor([encoded[rows[0]][:shared]], device=device) if shared else None
+        batches.append(Batch(ids.to(device), mask.to(device), pos.to(device), rows, prefix))
     return batches
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the token prefix all sequences share, leaving each at least one token."""
+    limit = min(len(s) for s in seqs) - 1
+    n = 0
+    while n < limit and all(s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return n
+
+
+def prefill(model: Any, batch: Batch) -> tuple[Any, DynamicCache, torch.Tensor]:
+    """The prompts' forward pass into a fresh KV cache: (output with the last position's
+    logits, the cache, the attention mask over everything cached). A shared prefix runs once
+    at batch size 1 and its cache is repeated for every row."""
+    cache = DynamicCache(config=model.config)
+    mask = batch.attention_mask
+    if batch.prefix is not None:
+        shared = batch.prefix.shape[1]
+        model(
+            input_ids=batch.prefix,
+            position_ids=torch.arange(shared, device=mask.device)[None],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache.batch_repeat_interleave(len(batch.rows))
+        mask = torch.cat([mask.new_ones((len(batch.rows), shared)), mask], dim=1)
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=mask,
+        position_ids=batch.position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out, cache, mask
 
 
 def forward(model: Any, batch: Batch, hidden_states: bool = False) -> Any:
@@ -86,8 +141,8 @@ def next_token_logprobs(
 
     rows: list[torch.Tensor | None] = [None] * len(encoded)
     pad = pad_token_id(chat.tokenizer)
-    for batch in make_batches(encoded, batch_size, pad, model_device(model)):
-        logits = forward(model, batch).logits[:, -1, :].float()
+    for batch in make_batches(encoded, batch_size, pad, model_device(model), share_prefix=True):
+        logits = prefill(model, batch)[0].logits[:, -1, :].float()
         for r, i in enumerate(batch.rows):
             rows[i] = F.log_softmax(logits[r], dim=-1)
     return torch.stack([r for r in rows if r is not None])
@@ -136,7 +191,7 @@ def greedy_generate(
     device = model_device(model)
     ends = end_token_ids(model, chat)
     results: list[Generation | None] = [None] * len(encoded)
-    for batch in make_batches(encoded, batch_size, pad_token_id(tok), device):
+    for batch in make_batches(encoded, batch_size, pad_token_id(tok), device, share_prefix=True):
         for row, gen in zip(
             batch.rows,
             _generate_batch(model, batch, max_new_tokens, ends, tok, stop, keep_special),
@@ -161,17 +216,8 @@ def _generate_batch(
     stopped = [False] * n
     if max_new_tokens <= 0:
         return [Generation("", 0, False, False) for _ in range(n)]
-    cache = DynamicCache(config=model.config)
-    mask = batch.attention_mask
+    out, cache, mask = prefill(model, batch)
     next_pos = batch.position_ids[:, -1:] + 1
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=mask,
-        position_ids=batch.position_ids,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
     active = list(range(n))  # batch rows still generating, in cache order
     end_tensor = torch.tensor(sorted(ends), device=mask.device) if ends else None
     for step in range(max_new_tokens):

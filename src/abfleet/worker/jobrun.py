@@ -395,6 +395,25 @@ def _run(
             quantization=quantization,
         )
 
+    def measure(model: Any) -> dict[str, Any]:
+        """The exported model scored as trials were (and re-scored long when the front was)."""
+        evaluator.model = model
+        try:
+            scores = evaluator.score()
+            figures: dict[str, Any] = {
+                "refusals": scores.refusals,
+                "n_bad": scores.n_bad,
+                "kl": scores.kl,
+                "degenerate": scores.degenerate,
+            }
+            if rescore:
+                tokens = spec.evaluation.long_new_tokens
+                texts = evaluator.answers(tokens, stop_at_markers=not spec.evaluation.judge)
+                figures["long_refusals"], figures["long_degenerate"] = evaluator.count(texts)
+            return figures
+        finally:
+            evaluator.model = None
+
     check = export_model(
         loaded,
         ablator,
@@ -408,9 +427,11 @@ def _run(
         release,
         quantized=quantization != "none",
         batch_size=min(batch_size, 8),
+        measure=measure,
     )
     timings["export"] = time.monotonic() - t0
-    result.chosen = chosen
+    # What the saved weights do (the search's own figures for the trial stay in the front).
+    result.chosen = {**chosen, **check.get("figures", {})}
     result.model_dir = run.model_dir
     result.state = "done"
     status.update(exported=str(run.model_dir), load_check=check["answer"][:200])
