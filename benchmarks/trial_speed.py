@@ -310,6 +310,9 @@ def profile(args: argparse.Namespace) -> None:
         args.tokens,
         args.batch_size,
     )
+    import abfleet.core.generate as generate
+
+    sharing = generate.MIN_SHARED_PREFIX
     ablators = {"now": Ablator(loaded.model)}
     if args.compare_ablation:  # e.g. the previous commit's in-place edit, same model, same trials
         import importlib.util
@@ -323,10 +326,15 @@ def profile(args: argparse.Namespace) -> None:
     n_layers = ablators["now"].n_layers
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"][:10]
     names = ("apply", "KL prefill", "generation", "reset")
-    phases = {key: {name: [] for name in names} for key in ablators}
+    runs = [(key, True) for key in ablators]
+    if args.compare_unshared:  # the same trials without the shared prompt prefix
+        runs.append(("now", False))
+    phases = {run: {name: [] for name in names} for run in runs}
     lengths = []
     for t in trials:  # interleaved, so a slower minute of a shared machine hits both alike
-        for key, ablator in ablators.items():
+        for key, shared in runs:
+            ablator = ablators[key]
+            generate.MIN_SHARED_PREFIX = sharing if shared else 10**9
             params = params_from_trial(t, n_layers)
             for name, call in zip(
                 names,
@@ -340,14 +348,15 @@ def profile(args: argparse.Namespace) -> None:
             ):
                 started = time.perf_counter()
                 call()
-                phases[key][name].append(time.perf_counter() - started)
+                phases[(key, shared)][name].append(time.perf_counter() - started)
     print(
         f"{len(trials)} trials of {run_dir}, dtype {loaded.dtype}, batch {args.batch_size}, "
         f"{len(job.spec.markers)} markers, torch threads {torch.get_num_threads()}"
     )
-    for key, found in phases.items():
+    for (key, shared), found in phases.items():
         total = sum(statistics.mean(v) for v in found.values())
-        print(f" ablation: {'this checkout' if key == 'now' else args.compare_ablation}")
+        which = "this checkout" if key == "now" else args.compare_ablation
+        print(f" ablation: {which}, {'shared' if shared else 'no shared'} prompt prefix")
         for name, values in found.items():
             mean = statistics.mean(values)
             print(f"  {name:<11} {mean:7.3f} s  {100 * mean / total:5.1f} %")
@@ -374,6 +383,9 @@ def main() -> None:
     parser.add_argument("--abfleet-src", help="run abfleet from this checkout instead")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--compare-ablation", help="with --profile: another ablation.py, A/B")
+    parser.add_argument(
+        "--compare-unshared", action="store_true", help="with --profile: also without prefix"
+    )
     args = parser.parse_args()
     if args.profile:
         profile(args)
