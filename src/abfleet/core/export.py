@@ -119,7 +119,9 @@ def export_model(
             how = "saved from memory"
         saved = time.monotonic()
         release()
-        check = _check(tmp, reload, chat, check_prompts, reference, batch_size, quantized, measure)
+        check = _check(
+            tmp, reload, chat, check_prompts, encoded, reference, batch_size, quantized, measure
+        )
         check.update(
             how=how,
             save_seconds=round(saved - started, 2),
@@ -222,12 +224,12 @@ def _check(
     reload: Callable[[Path], LoadedModel],
     chat: ChatFormatter,
     prompts: list[str],
+    encoded: list[list[int]],
     reference: torch.Tensor,
     batch_size: int,
     quantized: bool,
     measure: Callable[[Any], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    encoded = encode_prompts(chat, prompts)
     back = reload(folder)
     figures = None
     try:

@@ -37,6 +37,13 @@ def stored(study: Any, tokens: int, judge: str) -> dict[str, Any]:
     return {"tokens": tokens, "judge": judge, "entries": {}}
 
 
+def long_answers(evaluator: Any, tokens: int, judge: str) -> tuple[list[str], tuple[int, int]]:
+    """The held-out bad prompts answered at the re-score's length, and (refusals, degenerate).
+    With a judge the answers are not cut at a marker: the judge reads them whole."""
+    texts = evaluator.answers(tokens, stop_at_markers=not judge)
+    return texts, evaluator.count(texts)
+
+
 def rescore_front(
     study: Any,
     front: list[Any],
@@ -74,8 +81,7 @@ def rescore_front(
         progress(f"{label} ({len(entries) + len(pending)} scored)")
         started = time.perf_counter()
         apply_trial(trial)
-        texts = evaluator.answers(tokens, stop_at_markers=not judge)
-        refusals, degenerate = evaluator.count(texts)
+        texts, (refusals, degenerate) = long_answers(evaluator, tokens, judge)
         entry = {
             "refusals": refusals,
             "n_bad": len(texts),

@@ -37,7 +37,7 @@ from abfleet.core.pipeline import (
     shared_baseline,
     shared_directions,
 )
-from abfleet.core.rescore import BASELINE, rescore_front
+from abfleet.core.rescore import BASELINE, long_answers, rescore_front
 from abfleet.core.result import choose_trial, completed, long_fields, pareto_front, trial_row
 from abfleet.errors import UserError
 from abfleet.job.source import ModelSource, judge_source, materialize, resolve_source
@@ -407,9 +407,10 @@ def _run(
                 "degenerate": scores.degenerate,
             }
             if rescore:
-                tokens = spec.evaluation.long_new_tokens
-                texts = evaluator.answers(tokens, stop_at_markers=not spec.evaluation.judge)
-                figures["long_refusals"], figures["long_degenerate"] = evaluator.count(texts)
+                _, counts = long_answers(
+                    evaluator, spec.evaluation.long_new_tokens, spec.evaluation.judge
+                )
+                figures["long_refusals"], figures["long_degenerate"] = counts
             return figures
         finally:
             evaluator.model = None
