@@ -35,6 +35,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
@@ -326,15 +327,34 @@ def profile(args: argparse.Namespace) -> None:
     n_layers = ablators["now"].n_layers
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"][:10]
     names = ("apply", "KL prefill", "generation", "reset")
-    runs = [(key, True) for key in ablators]
+    runs = [(key, True, True) for key in ablators]
     if args.compare_unshared:  # the same trials without the shared prompt prefix
-        runs.append(("now", False))
+        runs.append(("now", False, True))
+    store = ablators["now"].unedited
+    if args.compare_unreused and store is not None:  # without reusing the unedited layers
+        runs.append(("now", True, False))
+    if store is None:
+        print(" (two Ablators on one model: the unedited layers are not reused)")
+    evaluator.score()  # the unedited baseline, as the search scores it before its trials
     phases = {run: {name: [] for name in names} for run in runs}
     lengths = []
+    in_prefill = [0.0]  # the generation's own prefill, timed apart from its decode steps
+    plain_prefill = generate.prefill
+
+    def timed_prefill(*a: Any, **k: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return plain_prefill(*a, **k)
+        finally:
+            in_prefill[0] += time.perf_counter() - started
+
+    generate.prefill = timed_prefill
     for t in trials:  # interleaved, so a slower minute of a shared machine hits both alike
-        for key, shared in runs:
+        for key, shared, reuse in runs:
             ablator = ablators[key]
             generate.MIN_SHARED_PREFIX = sharing if shared else 10**9
+            if store is not None:
+                store.enabled = reuse
             params = params_from_trial(t, n_layers)
             for name, call in zip(
                 names,
@@ -346,17 +366,25 @@ def profile(args: argparse.Namespace) -> None:
                 ),
                 strict=True,
             ):
+                in_prefill[0] = 0.0
                 started = time.perf_counter()
                 call()
-                phases[(key, shared)][name].append(time.perf_counter() - started)
+                phases[(key, shared, reuse)][name].append(time.perf_counter() - started)
+                if name == "generation":
+                    phases[(key, shared, reuse)].setdefault("  its prefill", []).append(
+                        in_prefill[0]
+                    )
     print(
         f"{len(trials)} trials of {run_dir}, dtype {loaded.dtype}, batch {args.batch_size}, "
         f"{len(job.spec.markers)} markers, torch threads {torch.get_num_threads()}"
     )
-    for (key, shared), found in phases.items():
-        total = sum(statistics.mean(v) for v in found.values())
+    for (key, shared, reuse), found in phases.items():
+        total = sum(statistics.mean(v) for k, v in found.items() if k in names)
         which = "this checkout" if key == "now" else args.compare_ablation
-        print(f" ablation: {which}, {'shared' if shared else 'no shared'} prompt prefix")
+        print(
+            f" ablation: {which}, {'shared' if shared else 'no shared'} prompt prefix, "
+            f"{'reusing' if reuse and store is not None else 'computing'} the unedited layers"
+        )
         for name, values in found.items():
             mean = statistics.mean(values)
             print(f"  {name:<11} {mean:7.3f} s  {100 * mean / total:5.1f} %")
@@ -385,6 +413,11 @@ def main() -> None:
     parser.add_argument("--compare-ablation", help="with --profile: another ablation.py, A/B")
     parser.add_argument(
         "--compare-unshared", action="store_true", help="with --profile: also without prefix"
+    )
+    parser.add_argument(
+        "--compare-unreused",
+        action="store_true",
+        help="with --profile: also computing the layers below the first edited one every time",
     )
     args = parser.parse_args()
     if args.profile:

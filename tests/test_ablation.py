@@ -206,3 +206,27 @@ def test_architecture_without_projections_is_refused():
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100))
     with pytest.raises(UserError, match="unsupported architecture"):
         find_targets(model)
+
+
+def test_a_second_editor_of_a_model_switches_layer_reuse_off(tokenizer):
+    """Reusing the unedited layers relies on knowing where the edits start; with two Ablators
+    on one model nobody does, so neither reuses anything (and a new one stays off)."""
+    from abfleet.core.generate import make_batches, prefill
+
+    model = make_model("llama", len(tokenizer))
+    first = Ablator(model)
+    assert first.unedited is not None and first.unedited.enabled
+    batch = make_batches([[5, 6, 7, 8]], 1, 0, torch.device("cpu"))[0]
+    with torch.no_grad():
+        prefill(model, batch)
+    assert first.unedited.bytes > 0  # the unedited model's layers were kept
+    second = Ablator(model)
+    assert second.unedited is None and not first.unedited.enabled and first.unedited.bytes == 0
+    second.apply(everywhere(1.0), random_directions(model))
+    skipped = first.unedited.skipped
+    with torch.no_grad():
+        prefill(model, batch)
+    assert first.unedited.skipped == skipped
+    first.close()
+    second.close()
+    assert Ablator(model).unedited is None

@@ -220,3 +220,65 @@ def test_delta_path_gives_the_logits_of_the_edited_weights(family, norm_preservi
         assert torch.equal(model(input_ids=ids).logits, original)
     for name, p in model.named_parameters():
         assert torch.equal(p, before_state[name]), f"{family}: {name} not restored"
+
+
+def _prefill_outputs(model, batches):
+    from abfleet.core.generate import prefill
+
+    found = []
+    with torch.no_grad():
+        for batch in batches:
+            out, cache, _ = prefill(model, batch)
+            found.append(out.logits)
+            found += [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    return found
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layers_below_the_edit_are_reused_bit_for_bit(family):
+    """A prefill skips the layers below the trial's first edited one (their KV entries and
+    output kept from an earlier prefill of the same prompts), and its logits and KV cache are
+    the very numbers that running those layers gives."""
+    from abfleet.core.generate import make_batches
+
+    model = _model(family)
+    n = len(decoder_layers(model))
+    g = torch.Generator().manual_seed(3)
+    directions = torch.randn(n + 1, H, generator=g)
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    shared = torch.randint(1, 64, (10,), generator=g).tolist()  # a chat template's worth
+    prompts = [shared + torch.randint(1, 64, (k,), generator=g).tolist() for k in (3, 6, 4, 5)]
+    batches = make_batches(prompts, 3, 0, torch.device("cpu"), share_prefix=True)
+    assert batches[0].prefix is not None
+
+    def trial(position: float) -> AblationParams:
+        comp = ComponentParams(1.0, position, 0.5, 0.5)  # this layer only
+        return AblationParams("per_layer", 0.0, comp, comp)
+
+    ablator = Ablator(model)
+    store = ablator.unedited
+    assert store is not None
+    base = _prefill_outputs(model, batches)  # the unedited model: every layer is kept
+    for position in (n - 1, 0, 1):  # deepest first: the most skipped, then none, then one
+        ablator.apply(trial(position), directions)
+        skipped = store.skipped
+        got = _prefill_outputs(model, batches)
+        assert store.skipped - skipped == position * (len(batches) + 1), family  # +1: a prefix
+        store.enabled = False
+        expected = _prefill_outputs(model, batches)
+        store.enabled = True
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)), family
+    ablator.reset()  # nothing edited: every layer is skipped, the model's own numbers come out
+    skipped = store.skipped
+    assert all(
+        torch.equal(a, b) for a, b in zip(_prefill_outputs(model, batches), base, strict=True)
+    )
+    assert store.skipped - skipped == n * (len(batches) + 1)
+    ablator.close()
+    assert unedited_store(model) is None
+
+
+def unedited_store(model):
+    from abfleet.core import unedited
+
+    return unedited._STORES.get(model)

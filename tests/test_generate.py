@@ -53,6 +53,58 @@ def test_rows_leave_the_batch_when_they_match_without_changing_the_others(tokeni
             assert a.text == b.text
 
 
+def _decode_steps(model):
+    """Counts the model's one-token decode calls (prefills are longer)."""
+    steps = [0]
+
+    def count(_module, _args, kwargs):
+        steps[0] += kwargs["input_ids"].shape[1] == 1
+
+    return steps, model.register_forward_pre_hook(count, with_kwargs=True)
+
+
+def test_waiting_prompts_take_the_places_of_rows_that_left(tokenizer, monkeypatch):
+    import abfleet.core.generate as generate
+
+    model = make_model("llama", len(tokenizer), seed=4)
+    chat = ChatFormatter(tokenizer, None)
+    prompts = PROMPTS * 3
+    full = greedy_generate(model, chat, prompts, 14, 1)
+    # Most rows leave after 3 characters; the answers to the shortest prompt run the whole
+    # budget, so the first batch (shortest prompts first) holds its places for 14 steps.
+    shortest = min(range(len(prompts)), key=lambda i: len(prompts[i]))
+    long_answer = full[shortest].text
+    assert full[shortest].new_tokens == 14 and not full[shortest].ended
+
+    def stop(text: str) -> bool:
+        return len(text) >= 3 and not long_answer.startswith(text)
+
+    alone = [greedy_generate(model, chat, [p], 14, 1, stop=stop)[0] for p in prompts]
+    steps, handle = _decode_steps(model)
+    joined = greedy_generate(model, chat, prompts, 14, 8, stop=stop)
+    joined_steps = steps[0]
+    monkeypatch.setattr(generate, "JOIN_GROUPS", 1)  # one full batch after another
+    steps[0] = 0
+    sequential = greedy_generate(model, chat, prompts, 14, 8, stop=stop)
+    handle.remove()
+    assert joined == alone == sequential  # text, token count, ended and stopped, per prompt
+    assert any(g.stopped for g in joined) and any(not g.stopped for g in joined)
+    assert joined_steps < steps[0]
+
+
+def test_sliding_window_caches_are_not_joined():
+    import transformers as tf
+
+    from abfleet.core.generate import _joinable
+
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    llama = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(intermediate_size=48, **common))
+    gemma = tf.AutoModelForCausalLM.from_config(
+        tf.Gemma3TextConfig(intermediate_size=48, head_dim=8, sliding_window=16, **common)
+    )
+    assert _joinable(llama) and not _joinable(gemma)
+
+
 def test_system_prompt_goes_through_the_template(tokenizer):
     chat = ChatFormatter(tokenizer, "Be brief.")
     text = chat.format("hello")

@@ -159,9 +159,17 @@ def test_the_choice_is_the_lowest_estimated_job_cost_that_fits():
 
 def test_host_ram_is_one_shard_not_the_model():
     p70 = plan(shape_from_config(LLAMA_31_70B), "llama-70b")
-    # 8 runtime + 5 (a default shard) + 3 x float32 of the 8192 x 28672 down_proj = 15.8 -> 16
-    assert p70.host_ram_gb == 16
-    assert any(r.startswith("host RAM: 16 GB") for r in p70.reasons)
+    # 8 runtime + 1.07 unedited layers kept + 5 (a default shard) + 3 x float32 of the
+    # 8192 x 28672 down_proj = 16.9 -> 17
+    assert p70.host_ram_gb == 17
+    assert any(r.startswith("host RAM: 17 GB") for r in p70.reasons)
+
+
+def test_host_ram_counts_the_unedited_layer_store_as_the_box_caps_it():
+    from abfleet.core import unedited
+    from abfleet.fleet import sizing
+
+    assert round(unedited.MAX_BYTES / 1e9, 2) == sizing.UNEDITED_STORE_GB
 
 
 def test_norm_preserving_experts_keep_a_reset_copy():

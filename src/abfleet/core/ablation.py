@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from abfleet.core import unedited
 from abfleet.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -363,6 +364,8 @@ class Ablator:
             for index, s in enumerate(self._sites)
             if s.hooked
         ]
+        # Prefills reuse what the layers below the first edited one computed in earlier trials.
+        self.unedited = unedited.attach(model, decoder_layers(model))
 
     def _group(self, model: Any) -> list[_Site]:
         layers = decoder_layers(model)
@@ -390,6 +393,8 @@ class Ablator:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        unedited.release(self.model, self.unedited)
+        self.unedited = None
 
     def reset(self) -> None:
         self._active.clear()
@@ -401,6 +406,8 @@ class Ablator:
                         if t is not None:
                             t.param.data.copy_(original)
         self._dirty.clear()
+        if self.unedited is not None:
+            self.unedited.first_edited = self.n_layers
 
     def edits(
         self, params: AblationParams, directions: torch.Tensor
@@ -440,6 +447,9 @@ class Ablator:
                 if site.row_norms is not None:
                     _norm_preserving_edit(site, edit)
                 self._active[index] = edit
+        if self.unedited is not None:
+            touched = [self._sites[i].layer for i in self._active] + list(self._dirty)
+            self.unedited.first_edited = min(touched, default=self.n_layers)
         return weights
 
     def detach(self) -> None:

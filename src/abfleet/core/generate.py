@@ -2,18 +2,20 @@
 
 transformers' generate() keeps every row until the whole batch ends. Here a row leaves the batch
 (its KV cache rows are dropped) as soon as it emitted an end token or its text matched a stop
-marker, so a batch of refusals costs a few steps instead of the full budget.
+marker, and waiting prompts take the freed places: a batch of refusals costs a few steps
+instead of the full budget, and the next prompts do not wait for the slowest answer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
+from abfleet.core import unedited
 from abfleet.core.chat import ChatFormatter
 
 
@@ -97,25 +99,31 @@ def prefill(model: Any, batch: Batch) -> tuple[Any, DynamicCache, torch.Tensor]:
     at batch size 1 and its cache is repeated for every row."""
     cache = DynamicCache(config=model.config)
     mask = batch.attention_mask
+    # The same prompts give the same key in every trial, so the layers below the trial's first
+    # edited one can be skipped (see unedited.py).
+    prefix = tuple(batch.prefix[0].tolist()) if batch.prefix is not None else ()
+    rows = (prefix, tuple(map(tuple, batch.input_ids.tolist())), tuple(batch.rows))
     if batch.prefix is not None:
         shared = batch.prefix.shape[1]
-        model(
-            input_ids=batch.prefix,
-            position_ids=torch.arange(shared, device=mask.device)[None],
+        with unedited.prefill_call(model, ("prefix", prefix)):
+            model(
+                input_ids=batch.prefix,
+                position_ids=torch.arange(shared, device=mask.device)[None],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        cache.batch_repeat_interleave(len(batch.rows))
+        mask = torch.cat([mask.new_ones((len(batch.rows), shared)), mask], dim=1)
+    with unedited.prefill_call(model, ("rows", rows)):
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=mask,
+            position_ids=batch.position_ids,
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        cache.batch_repeat_interleave(len(batch.rows))
-        mask = torch.cat([mask.new_ones((len(batch.rows), shared)), mask], dim=1)
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=mask,
-        position_ids=batch.position_ids,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
     return out, cache, mask
 
 
@@ -184,81 +192,159 @@ def greedy_generate(
     keep_special: bool = False,
 ) -> list[Generation]:
     """Greedy answers for prompts, in prompt order (keep_special: special tokens stay in the
-    text, e.g. a think tag that the tokenizer marks special)."""
+    text, e.g. a think tag that the tokenizer marks special).
+
+    At most batch_size rows decode together. Prompts are prefilled in groups of half
+    that, and a group joins the running rows as soon as enough of them have left: a decode
+    step costs nearly as much for a few rows as for a full batch, so steps are what to save.
+    A cache that cannot be joined (sliding-window layers) decodes one full batch after another."""
     tok = chat.tokenizer
     if encoded is None:
         encoded = encode_prompts(chat, prompts)
-    device = model_device(model)
-    ends = end_token_ids(model, chat)
-    results: list[Generation | None] = [None] * len(encoded)
-    for batch in make_batches(encoded, batch_size, pad_token_id(tok), device, share_prefix=True):
-        for row, gen in zip(
-            batch.rows,
-            _generate_batch(model, batch, max_new_tokens, ends, tok, stop, keep_special),
-            strict=True,
-        ):
-            results[row] = gen
-    return [r for r in results if r is not None]
-
-
-def _generate_batch(
-    model: Any,
-    batch: Batch,
-    max_new_tokens: int,
-    ends: set[int],
-    tok: Any,
-    stop: Callable[[str], bool] | None,
-    keep_special: bool = False,
-) -> list[Generation]:
-    n = len(batch.rows)
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    ended = [False] * n
-    stopped = [False] * n
+    state = _Decoding(tok, stop, keep_special, max_new_tokens, len(encoded))
     if max_new_tokens <= 0:
-        return [Generation("", 0, False, False) for _ in range(n)]
-    out, cache, mask = prefill(model, batch)
-    next_pos = batch.position_ids[:, -1:] + 1
-    active = list(range(n))  # batch rows still generating, in cache order
-    end_tensor = torch.tensor(sorted(ends), device=mask.device) if ends else None
-    for step in range(max_new_tokens):
-        next_tok = out.logits[:, -1, :].argmax(dim=-1)
-        is_end = torch.isin(next_tok, end_tensor) if end_tensor is not None else None
-        picked = next_tok.tolist()
-        finished = is_end.tolist() if is_end is not None else [False] * len(active)
-        keep = []
-        for j, row in enumerate(active):
-            if finished[j]:
-                ended[row] = True
-                continue
-            tokens[row].append(picked[j])
-            if stop is not None and stop(tok.decode(tokens[row], skip_special_tokens=True)):
-                stopped[row] = True
-                continue
-            keep.append(j)
-        if not keep or step == max_new_tokens - 1:
-            break
-        if len(keep) < len(active):
-            index = torch.tensor(keep, device=mask.device)
-            cache.reorder_cache(index)
-            mask = mask.index_select(0, index)
-            next_pos = next_pos.index_select(0, index)
-            next_tok = next_tok.index_select(0, index)
-            active = [active[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+        return state.results()
+    device = model_device(model)
+    joinable = _joinable(model)
+    group = max(1, batch_size // JOIN_GROUPS) if joinable else max(1, batch_size)
+    pending = make_batches(encoded, group, pad_token_id(tok), device, share_prefix=True)
+    ends = end_token_ids(model, chat)
+    end_tensor = torch.tensor(sorted(ends), device=device) if ends else None
+    running: _Running | None = None
+    while pending or running is not None:
+        while pending and (
+            running is None or (joinable and len(running.rows) + len(pending[0].rows) <= batch_size)
+        ):
+            batch = pending.pop(0)
+            out, cache, mask = prefill(model, batch)
+            fresh = _Running(cache, mask, batch.position_ids[:, -1:] + 1, batch.rows)
+            kept = state.take(fresh, out.logits[:, -1, :].argmax(dim=-1), end_tensor)
+            running = kept if running is None else running.join(kept)
+        if running is None:
+            continue
+        ones = running.mask.new_ones((len(running.rows), 1))
+        running.mask = torch.cat([running.mask, ones], dim=1)
         out = model(
-            input_ids=next_tok[:, None],
-            attention_mask=mask,
-            position_ids=next_pos,
-            past_key_values=cache,
+            input_ids=running.next_tok[:, None],
+            attention_mask=running.mask,
+            position_ids=running.next_pos,
+            past_key_values=running.cache,
             use_cache=True,
         )
-        next_pos = next_pos + 1
-    return [
-        Generation(
-            tok.decode(tokens[i], skip_special_tokens=not keep_special),
-            len(tokens[i]),
-            ended[i],
-            stopped[i],
-        )
-        for i in range(n)
-    ]
+        running.next_pos = running.next_pos + 1
+        running = state.take(running, out.logits[:, -1, :].argmax(dim=-1), end_tensor)
+    return state.results()
+
+
+# Prompts are prefilled in groups of batch_size // JOIN_GROUPS rows (see greedy_generate): on the
+# demo, halves decoded fastest (a quarter: more prefill calls; one group: no joining).
+JOIN_GROUPS = 2
+
+
+def _joinable(model: Any) -> bool:
+    """Whether two caches of this model can be joined by left-padding the shorter one: every
+    layer a plain growing cache (a sliding window keeps its own bookkeeping)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+
+
+def _left_pad(t: torch.Tensor, length: int, axis: int) -> torch.Tensor:
+    """Zeros before the sequence axis (-2 of a cache tensor, -1 of a mask) up to length."""
+    missing = length - t.shape[axis]
+    if missing <= 0:
+        return t
+    pad = [0, 0] * (-axis - 1) + [missing, 0]
+    return torch.nn.functional.pad(t, pad)
+
+
+@dataclass
+class _Running:
+    """Rows decoding together: their KV cache, attention mask, next positions and tokens."""
+
+    cache: DynamicCache
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+    rows: list[int]  # the prompt of each cache row
+    next_tok: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+    def keep(self, kept: list[int]) -> _Running | None:
+        if not kept:
+            return None
+        if len(kept) < len(self.rows):
+            index = torch.tensor(kept, device=self.mask.device)
+            self.cache.reorder_cache(index)
+            self.mask = self.mask.index_select(0, index)
+            self.next_pos = self.next_pos.index_select(0, index)
+            self.next_tok = self.next_tok.index_select(0, index)
+            self.rows = [self.rows[j] for j in kept]
+        return self
+
+    def join(self, other: _Running | None) -> _Running:
+        """Append other's rows; the shorter cache is left-padded (masked out) to the longer."""
+        if other is None:
+            return self
+        length = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            if not (mine.is_initialized and theirs.is_initialized):
+                continue
+            for name in ("keys", "values"):
+                parts = [_left_pad(getattr(c, name), length, -2) for c in (mine, theirs)]
+                setattr(mine, name, torch.cat(parts))
+        masks = [_left_pad(m, length, -1) for m in (self.mask, other.mask)]
+        self.mask = torch.cat(masks)
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.next_tok = torch.cat([self.next_tok, other.next_tok])
+        self.rows = self.rows + other.rows
+        return self
+
+
+class _Decoding:
+    """Each prompt's tokens and outcome, and which rows go on after a step."""
+
+    def __init__(
+        self,
+        tok: Any,
+        stop: Callable[[str], bool] | None,
+        keep_special: bool,
+        max_new_tokens: int,
+        n: int,
+    ) -> None:
+        self.tok, self.stop, self.keep_special = tok, stop, keep_special
+        self.max_new_tokens = max_new_tokens
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.ended = [False] * n
+        self.stopped = [False] * n
+
+    def take(
+        self, running: _Running, picked: torch.Tensor, end_tensor: torch.Tensor | None
+    ) -> _Running | None:
+        """Record each row's picked token; the rows that go on stay, in order."""
+        finished = torch.isin(picked, end_tensor).tolist() if end_tensor is not None else None
+        values = picked.tolist()
+        kept = []
+        for j, row in enumerate(running.rows):
+            if finished is not None and finished[j]:
+                self.ended[row] = True
+                continue
+            self.tokens[row].append(values[j])
+            if self.stop is not None and self.stop(
+                self.tok.decode(self.tokens[row], skip_special_tokens=True)
+            ):
+                self.stopped[row] = True
+                continue
+            if len(self.tokens[row]) < self.max_new_tokens:
+                kept.append(j)
+        running.next_tok = picked
+        return running.keep(kept)
+
+    def results(self) -> list[Generation]:
+        return [
+            Generation(
+                self.tok.decode(tokens, skip_special_tokens=not self.keep_special),
+                len(tokens),
+                self.ended[i],
+                self.stopped[i],
+            )
+            for i, tokens in enumerate(self.tokens)
+        ]

@@ -56,6 +56,9 @@ QUANT_SLOWDOWN = {"none": 1.0, "bnb-8bit": 2.5, "bnb-4bit": 1.3}
 QUANTIZATIONS = tuple(QUANT_BYTES)
 # Host RAM on the box: Python, torch and CUDA's host side, plus one shard being read.
 HOST_BASE_GB = 8.0
+# What the layers below a trial's first edited one computed, kept in host memory for the next
+# trials' prefills (core.unedited.MAX_BYTES: 1 GiB).
+UNEDITED_STORE_GB = 1.07
 DEFAULT_SHARD_GB = 5.0  # transformers' default max_shard_size when the shards are not at hand
 
 
@@ -510,10 +513,11 @@ def host_ram_for(shape: Shape) -> tuple[float, str]:
     shard at a time (its edited tensors in float32): never the whole model."""
     shard = shape.largest_shard_gb or DEFAULT_SHARD_GB
     merge = 3 * shape.largest_touched * 4 / GB
-    total = math.ceil(HOST_BASE_GB + shard + merge)
+    total = math.ceil(HOST_BASE_GB + UNEDITED_STORE_GB + shard + merge)
     known = "largest shard" if shape.largest_shard_gb else "a shard (default size)"
     return float(total), (
-        f"{HOST_BASE_GB:.0f} GB runtime + {shard:.1f} GB {known} + {merge:.1f} GB float32 "
+        f"{HOST_BASE_GB:.0f} GB runtime + {UNEDITED_STORE_GB:.0f} GB of unedited layers' "
+        f"outputs kept for the prefills + {shard:.1f} GB {known} + {merge:.1f} GB float32 "
         "merge of the largest edited tensor (the export goes shard by shard)"
     )
 
