@@ -14,9 +14,11 @@ Seconds per trial come from each study's own trial timestamps (start to complete
 --markers short uses nine markers instead of the job's 22: a marker stops an answer's
 generation early once it is seen, so more markers make trials shorter for reasons that are
 not the tool's speed. --dtype fixes the dtype both tools load (default: each picks its own).
---profile replays the last abfleet run's first trials in this process and times each phase;
-with --compare-ablation FILE it replays them also through another checkout's ablation.py,
-interleaved trial by trial on the same loaded model (an A/B that machine drift cannot skew).
+--profile replays the last abfleet run's first trials in this process and times each phase
+(the generation's own prefill apart); with --compare-ablation FILE it replays them also
+through another checkout's ablation.py, interleaved trial by trial on the same loaded model (an
+A/B that machine drift cannot skew); --compare-unshared and --compare-unreused add the same
+trials without the shared prompt prefix, or computing the unedited layers every time.
 
 The reference runs from its own venv (created with `--setup-reference`, which installs
 heretic-llm==1.4.0 into benchmarks/out/heretic-venv, reusing this Python's torch). After its

@@ -247,9 +247,10 @@ def test_layers_below_the_edit_are_reused_bit_for_bit(family):
     directions = torch.randn(n + 1, H, generator=g)
     directions = directions / directions.norm(dim=-1, keepdim=True)
     shared = torch.randint(1, 64, (10,), generator=g).tolist()  # a chat template's worth
-    prompts = [shared + torch.randint(1, 64, (k,), generator=g).tolist() for k in (3, 6, 4, 5)]
+    lengths = (3, 6, 4, 5, 2, 7)
+    prompts = [shared + torch.randint(1, 64, (k,), generator=g).tolist() for k in lengths]
     batches = make_batches(prompts, 3, 0, torch.device("cpu"), share_prefix=True)
-    assert batches[0].prefix is not None
+    assert len(batches) == 2 and all(b.prefix is not None for b in batches)
 
     def trial(position: float) -> AblationParams:
         comp = ComponentParams(1.0, position, 0.5, 0.5)  # this layer only
@@ -263,7 +264,8 @@ def test_layers_below_the_edit_are_reused_bit_for_bit(family):
         ablator.apply(trial(position), directions)
         skipped = store.skipped
         got = _prefill_outputs(model, batches)
-        assert store.skipped - skipped == position * (len(batches) + 1), family  # +1: a prefix
+        # Each batch's rows, and the prefix once: the second batch reuses its cache.
+        assert store.skipped - skipped == position * (len(batches) + 1), family
         store.enabled = False
         expected = _prefill_outputs(model, batches)
         store.enabled = True

@@ -407,7 +407,7 @@ class Ablator:
                             t.param.data.copy_(original)
         self._dirty.clear()
         if self.unedited is not None:
-            self.unedited.first_edited = self.n_layers
+            self.unedited.edited_from(self.n_layers)
 
     def edits(
         self, params: AblationParams, directions: torch.Tensor
@@ -449,7 +449,7 @@ class Ablator:
                 self._active[index] = edit
         if self.unedited is not None:
             touched = [self._sites[i].layer for i in self._active] + list(self._dirty)
-            self.unedited.first_edited = min(touched, default=self.n_layers)
+            self.unedited.edited_from(min(touched, default=self.n_layers))
         return weights
 
     def detach(self) -> None:

@@ -65,12 +65,13 @@ def make_batches(
     share_prefix: the tokens all rows of a batch start with become the batch's prefix, to be
     computed once (see prefill); every row keeps at least one token of its own."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    # The prefix all prompts share (not each batch's own), so that every batch starts with the
+    # same one and its cache can be computed once for them all (see prefill).
+    common = _common_prefix(list(encoded)) if share_prefix and len(encoded) > 1 else 0
     batches = []
     for start in range(0, len(order), max(1, batch_size)):
         rows = order[start : start + batch_size]
-        shared = _common_prefix([encoded[i] for i in rows]) if share_prefix and len(rows) > 1 else 0
-        if shared < MIN_SHARED_PREFIX:
-            shared = 0
+        shared = common if len(rows) > 1 and common >= MIN_SHARED_PREFIX else 0
         width = max(len(encoded[i]) for i in rows) - shared
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -105,14 +106,21 @@ def prefill(model: Any, batch: Batch) -> tuple[Any, DynamicCache, torch.Tensor]:
     rows = (prefix, tuple(map(tuple, batch.input_ids.tolist())), tuple(batch.rows))
     if batch.prefix is not None:
         shared = batch.prefix.shape[1]
-        with unedited.prefill_call(model, ("prefix", prefix)):
-            model(
-                input_ids=batch.prefix,
-                position_ids=torch.arange(shared, device=mask.device)[None],
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+        store = unedited.for_model(model)
+        kept = store.prefix_cache(prefix, model.config) if store is not None else None
+        if kept is not None:
+            cache = kept
+        else:
+            with unedited.prefill_call(model, ("prefix", prefix)):
+                model(
+                    input_ids=batch.prefix,
+                    position_ids=torch.arange(shared, device=mask.device)[None],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            if store is not None:
+                store.keep_prefix(prefix, cache)
         cache.batch_repeat_interleave(len(batch.rows))
         mask = torch.cat([mask.new_ones((len(batch.rows), shared)), mask], dim=1)
     with unedited.prefill_call(model, ("rows", rows)):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,33 @@ class UneditedLayers:
         self.bytes = 0
         self.skipped = 0  # layer calls skipped, for tests and benchmarks
         self._entries: dict[Hashable, _Entry] = {}
+        # The shared prompt prefix's cache of the current edits, one per distinct prefix: every
+        # batch of a trial (the KL prompts and each generation group) starts with it.
+        self._prefixes: dict[Hashable, list[dict[str, Any]]] = {}
+
+    def edited_from(self, layer: int) -> None:
+        """New edits (a trial applied, or reset): they start at this layer."""
+        self.first_edited = layer
+        self._prefixes.clear()
 
     def forget(self) -> None:
         self._entries.clear()
+        self._prefixes.clear()
         self.bytes = 0
+
+    def prefix_cache(self, key: Hashable, config: Any) -> DynamicCache | None:
+        """A fresh cache holding the prefix key as the current edits computed it, if they did."""
+        layers = self._prefixes.get(key) if self.enabled else None
+        if layers is None:
+            return None
+        cache = DynamicCache(config=config)
+        for layer, state in zip(cache.layers, layers, strict=True):
+            layer.__dict__.update(state)  # tensors are shared: the cache replaces, never writes
+        return cache
+
+    def keep_prefix(self, key: Hashable, cache: DynamicCache) -> None:
+        if self.enabled:
+            self._prefixes[key] = [dict(layer.__dict__) for layer in cache.layers]
 
     @contextlib.contextmanager
     def call(self, key: Hashable) -> Iterator[None]:
@@ -145,6 +169,10 @@ def release(model: Any, store: UneditedLayers | None) -> None:
         del _STORES[model]
     if store is not None:
         store.forget()
+
+
+def for_model(model: Any) -> UneditedLayers | None:
+    return _STORES.get(model)
 
 
 def prefill_call(model: Any, key: Hashable) -> contextlib.AbstractContextManager[None]:
