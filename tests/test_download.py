@@ -131,3 +131,18 @@ def test_a_file_that_does_not_match_its_manifest_is_never_put_in_place(boxes, ss
     with pytest.raises(AbfleetError, match="does not match"):
         download(connector(box, ssh_key), str(remote), tmp_path / "got")
     assert not (tmp_path / "got" / "weights.bin").exists()
+
+
+def test_manifest_is_sha256sum_format_with_sizes_beside_it_and_old_exports_still_parse(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.bin").write_bytes(b"x" * 10)
+    (tmp_path / "sub" / "b b.json").write_text("{}")
+    entries = manifest.write(tmp_path)
+    lines = (tmp_path / manifest.NAME).read_text().splitlines()
+    assert lines == [f"{e.sha256}  {e.path}" for e in entries]  # exactly what sha256sum writes
+    assert manifest.read(tmp_path) == entries and {e.size for e in entries} == {10, 2}
+    legacy = "".join(f"{e.sha256}  {e.size}  {e.path}\n" for e in entries)
+    assert manifest.parse(legacy) == entries
+    (tmp_path / manifest.SIZES).write_text(f"10  {entries[0].path}\n")  # one size lost
+    with pytest.raises(AbfleetError, match=r"gives no size for sub/b b\.json"):
+        manifest.read(tmp_path)

@@ -69,7 +69,7 @@ def test_abliteration_removes_refusals_and_the_export_reproduces_the_figures(dem
     )
 
     model_dir = out / "model"
-    assert manifest.verify(model_dir, manifest.parse((model_dir / manifest.NAME).read_text())) == []
+    assert manifest.verify(model_dir, manifest.read(model_dir)) == []
 
     # Reload the exported model from disk and score it against the unmodified model, with the
     # batch size the run used: the figures must match what the run reported.

@@ -147,7 +147,7 @@ def test_multi_shard_export_is_merged_file_by_file_and_answers_like_the_search(
         assert not torch.equal(got, original), key
     assert not (out / "consolidated.pth").exists()  # another format's unablated weights
     assert (out / "model.safetensors.index.json").exists() and (out / "tokenizer.json").exists()
-    assert manifest.verify(out, manifest.parse((out / manifest.NAME).read_text())) == []
+    assert manifest.verify(out, manifest.read(out)) == []
     assert json.loads((out / RUN_FILE).read_text())["load_check"]["max_kl"] == check["max_kl"]
 
     # Independently of the export's own check: the export, loaded, gives the searched logits.

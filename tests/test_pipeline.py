@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import optuna
 import pytest
@@ -33,8 +34,23 @@ def test_run_exports_a_verified_model_and_resume_continues_the_count(tmp_path, t
     assert t.values[0] == t.user_attrs["refusals"] and 0 <= t.user_attrs["refusals"] <= 4
     assert t.user_attrs["n_bad"] == 4 and t.values[1] == pytest.approx(t.user_attrs["kl"])
     assert study.user_attrs["baseline"]["n_bad"] == 4
-    entries = manifest.parse((run.model_dir / manifest.NAME).read_text())
+    entries = manifest.read(run.model_dir)
     assert manifest.verify(run.model_dir, entries) == []
+    # The manifest is what `sha256sum -c` reads, as it stands; a changed byte fails it.
+    check = subprocess.run(
+        ["sha256sum", "-c", manifest.NAME], cwd=run.model_dir, capture_output=True, text=True
+    )
+    assert check.returncode == 0 and check.stdout.count(": OK") == len(entries), check.stdout
+    config = run.model_dir / "config.json"
+    original = config.read_bytes()
+    config.write_bytes(original.replace(b"{", b"[", 1))
+    assert (
+        subprocess.run(
+            ["sha256sum", "-c", "--quiet", manifest.NAME], cwd=run.model_dir, capture_output=True
+        ).returncode
+        != 0
+    )
+    config.write_bytes(original)
     assert {"config.json", "model.safetensors", "abfleet-run.json"} <= {e.path for e in entries}
     record = json.loads((run.model_dir / "abfleet-run.json").read_text())
     assert record["chosen"]["trial"] == result.chosen["trial"]

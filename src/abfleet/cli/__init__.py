@@ -16,6 +16,7 @@ from abfleet.errors import AbfleetError
 COMMANDS = {
     "run": "abfleet.cli.run:run_cmd",
     "size": "abfleet.cli.run:size_cmd",
+    "report": "abfleet.cli.run:report_cmd",
     "offers": "abfleet.cli.fleet:offers_cmd",
     "launch": "abfleet.cli.fleet:launch_cmd",
     "create": "abfleet.cli.fleet:create_cmd",

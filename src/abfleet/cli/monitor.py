@@ -83,6 +83,10 @@ def status_cmd(instance: str | None, run_name: str | None, as_json: bool) -> Non
             console.print(f"  [red]the box {box['error']}[/]")
         if r.get("hint"):
             console.print(f"  {r['hint']}")
+        if r.get("local_study"):
+            from abfleet.cli.run import dashboard_command
+
+            console.print(f"  study backup: {dashboard_command('sqlite:///' + r['local_study'])}")
 
 
 @click.command("progress")

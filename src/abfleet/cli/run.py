@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -92,6 +93,32 @@ def _render(result: RunResult, prepared: localrun.LocalRun) -> None:
     console.print(before_after_table(result.baseline, result.chosen))
     console.print(
         f"model saved to [bold]{result.model_dir}[/] (verified: MANIFEST.sha256, abfleet-run.json)"
+    )
+    console.print(f"report: [bold]{result.model_dir / 'report.html'}[/] (open it in a browser)")
+    console.print(f"study: {dashboard_command(result.storage_url)}")
+
+
+def dashboard_command(url: str) -> str:
+    """The command that opens the study in optuna-dashboard (never with a password in it)."""
+    from abfleet.job.storage import has_password
+
+    if has_password(url):
+        return 'optuna-dashboard "$ABFLEET_STORAGE_URL"  (pip install optuna-dashboard)'
+    return f"optuna-dashboard {url}  (pip install optuna-dashboard)"
+
+
+@click.command("report")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="Where to write (default: RUN/report.html)."
+)
+def report_cmd(run_dir: Path, out: Path | None) -> None:
+    """Rebuild the HTML report of a run folder (its study.db and model/), offline."""
+    from abfleet.worker.report import report_for_folder
+
+    path = report_for_folder(run_dir, out)
+    console.print(
+        f"report: [bold]{path}[/] ({path.stat().st_size / 1e6:.1f} MB, no network needed)"
     )
 
 

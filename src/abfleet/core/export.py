@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 RUN_FILE = "abfleet-run.json"
 # Weight files other than the safetensors written here: copying them would ship unablated weights.
 _OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx", ".ot")
-_NOT_COPIED = {manifest.NAME, RUN_FILE}
+_NOT_COPIED = {manifest.NAME, manifest.SIZES, RUN_FILE}
 # KL (nats) allowed between the searched model and the loaded export, per prompt: float
 # rounding of merged weights vs. deltas stays far below; re-quantizing merged weights does not.
 KL_LIMIT = 0.01
@@ -84,6 +84,7 @@ def export_model(
     quantized: bool = False,
     batch_size: int = 8,
     measure: Callable[[Any], dict[str, Any]] | None = None,
+    extras: Callable[[Path, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Write the trial's model to target and return the check's figures.
 
@@ -92,7 +93,10 @@ def export_model(
 
     measure(model) scores the loaded export as the search scored trials: its figures become the
     record's `after` (the search's own figures for the trial stay as `after_search`), so what a
-    user reads is what the saved weights do, rounding of merged weights included."""
+    user reads is what the saved weights do, rounding of merged weights included.
+
+    extras(folder, record) adds files beside the model (the report) before the manifest is
+    written."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -134,6 +138,8 @@ def export_model(
         (tmp / RUN_FILE).write_text(
             json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8"
         )
+        if extras is not None:
+            extras(tmp, json.loads((tmp / RUN_FILE).read_text(encoding="utf-8")))
         manifest.write(tmp)
         _replace_dir(tmp, target)
     finally:

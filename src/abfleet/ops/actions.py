@@ -20,7 +20,7 @@ from abfleet.fleet.providers import connect_record, get_provider
 from abfleet.fleet.providers.base import STOPPED, Provider
 from abfleet.fleet.rent import destroy_and_confirm, wait_ready
 from abfleet.fleet.spend import instance_spend, observe
-from abfleet.ops.monitor import RunView, Session, Target
+from abfleet.ops.monitor import BACKUP_FILE, RunView, Session, Target
 from abfleet.ops.transfer import DownloadResult, download
 from abfleet.worker.selfstop import DOWNLOADED_MARK, SELF_STOP_FILE
 
@@ -71,6 +71,9 @@ def instance_status(ledger: Ledger, target: Target, provider: Provider) -> dict[
             "last_backup_at": run.last_backup_at,
             "budget_usd": run.budget_usd,
         }
+        backup = Path(run.local_dir) / BACKUP_FILE
+        if backup.is_file():  # what optuna-dashboard can open here, whatever the box's state
+            data["run"]["local_study"] = str(backup.resolve())
         if not (live and live.ssh_ready):
             data["run"]["hint"] = _unreachable_hint(data["instance"]["state"], run)
         else:

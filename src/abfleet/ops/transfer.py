@@ -68,7 +68,8 @@ def read_manifest(remote: Remote, remote_dir: str) -> list[manifest.Entry]:
         raise AbfleetError(
             f"no {manifest.NAME} on the box in {remote_dir}: the model is not exported (yet)"
         )
-    return manifest.parse(out.stdout)
+    sizes = remote.run(["cat", f"{remote_dir}/{manifest.SIZES}"], timeout=60, check=False)
+    return manifest.parse(out.stdout, sizes.stdout if sizes.code == 0 else None)
 
 
 class Verified:
@@ -175,7 +176,7 @@ class Downloader:
             todo = self._finish(todo, verified)
         remote.close()
         verified.save()
-        (self.target / manifest.NAME).write_text(manifest.render(entries), encoding="utf-8")
+        manifest.save(self.target, entries)
         _remove_empty_dirs(self.staging)
         if self.progress:
             self.progress(self.total, self.total)

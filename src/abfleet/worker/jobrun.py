@@ -44,6 +44,8 @@ from abfleet.job.source import ModelSource, judge_source, materialize, resolve_s
 from abfleet.job.spec import Job
 from abfleet.job.storage import redact_url
 from abfleet.render import fmt_kl
+from abfleet.worker.report import NAME as REPORT_NAME
+from abfleet.worker.report import write_report
 from abfleet.worker.rundir import RunDir, StatusWriter, pid_alive
 
 log = logging.getLogger(__name__)
@@ -429,6 +431,7 @@ def _run(
         quantized=quantization != "none",
         batch_size=min(batch_size, 8),
         measure=measure,
+        extras=lambda folder, saved: _report(study, saved, folder / REPORT_NAME),
     )
     timings["export"] = time.monotonic() - t0
     # What the saved weights do (the search's own figures for the trial stay in the front).
@@ -441,6 +444,15 @@ def _run(
         detail += f" ({budget} after {len(trials)}/{settings.n_trials} trials)"
     _set_phase(status, reporter, "done", detail)
     return result
+
+
+def _report(study: Any, record: dict[str, Any], target: Path) -> None:
+    """The report beside the model; a model without it is still a result (`abfleet report`
+    rebuilds it later), so a failure here is logged, not raised."""
+    try:
+        write_report(study, record, target)
+    except Exception as exc:  # noqa: BLE001 - plotting must never cost the export
+        log.warning("the report could not be written (%s); `abfleet report` rebuilds it", exc)
 
 
 AFTER_LONG = ("long_tokens", "long_refusals", "long_degenerate", "judge")

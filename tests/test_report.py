@@ -1,0 +1,96 @@
+"""The run report: written beside the export by the worker, rebuilt by `abfleet report`, and
+drawn by a real headless Chromium (its DOM after the scripts ran, and a screenshot)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from abfleet.job import manifest
+from abfleet.job.spec import load_job
+from abfleet.worker.jobrun import LogReporter, run_job
+from abfleet.worker.rundir import RunDir
+from conftest import write_job
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.fail("chromium is not installed: tests/run installs it (apt-get install chromium)")
+    return found
+
+
+def _browser(page: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", *flags, page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("report")
+    job_file = write_job(tmp / "job", str(tiny_model_dir), n_trials=6)
+    run = RunDir(tmp / "run")
+    result = run_job(load_job(str(job_file)), run, LogReporter())
+    assert result.state == "done"
+    return run, result
+
+
+def test_the_export_carries_a_report_that_a_browser_draws(finished_run):
+    run, result = finished_run
+    page = run.model_dir / "report.html"
+    entries = manifest.read(run.model_dir)
+    assert "report.html" in {e.path for e in entries}  # downloaded and verified with the model
+    text = page.read_text()
+    assert "cdn" not in text.lower() and "<script src=" not in text  # self-contained
+    assert f"chosen (trial {result.chosen['trial']})" in text
+
+    dom = _browser(page, "--virtual-time-budget=10000", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    # plotly draws each chart as SVG once its script has run: none means an empty page or a
+    # script error. Three charts: the trade-off, the trials over time, the weights per layer.
+    assert dom.stdout.count('class="main-svg"') >= 3
+    assert dom.stdout.count('class="point"') >= 6  # every trial is a drawn point
+    assert "Before / after" in dom.stdout and "refusals" in dom.stdout
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report.png"
+    shot.unlink(missing_ok=True)
+    taken = _browser(
+        page, "--virtual-time-budget=10000", "--window-size=1200,2400", f"--screenshot={shot}"
+    )
+    assert taken.returncode == 0 and shot.stat().st_size > 20_000, taken.stderr[-2000:]
+
+
+def test_report_command_rebuilds_it_from_the_run_folder(finished_run, tmp_path):
+    run, _ = finished_run
+    out = tmp_path / "again.html"
+    proc = subprocess.run(
+        [sys.executable, "-m", "abfleet", "report", str(run.path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((run.model_dir / "abfleet-run.json").read_text())
+    text = out.read_text()
+    assert f"chosen trial {record['chosen']['trial']}" in text and "plotly" in text.lower()
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "abfleet", "report", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode != 0 and "has no study.db" in bad.stderr
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
