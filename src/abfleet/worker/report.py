@@ -122,7 +122,13 @@ def _before_after(record: dict[str, Any]) -> str:
     if judged:
         head.append("judge refusal/compliance/degenerate")
     rows = [_row(head, tag="th")]
-    for label, r, kl in (("before", before, "0"), ("after", after, fmt_kl(after.get("kl")))):
+    lines = [("before", before, "0"), ("after", after, fmt_kl(after.get("kl")))]
+    search = record.get("after_search")
+    if search:
+        # The search applied the edit as deltas; the export merged it into the weights. Both
+        # are shown so a rounding difference between them is visible, not hidden.
+        lines.append(("after, as searched", search, fmt_kl(search.get("kl"))))
+    for label, r, kl in lines:
         cells = [label, fmt_refusals(r.get("refusals"), r.get("n_bad")), kl, r.get("degenerate")]
         if tokens:
             cells[2:2] = [fmt_refusals(r.get("long_refusals"), r.get("n_bad"))]
