@@ -118,7 +118,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     model = make_model("llama", len(tok))
     model.save_pretrained(path)
     tok.save_pretrained(path)
+    # A base model card, as hub snapshots have: its license carries over to the export's card.
+    (path / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny llama\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, tiny_model_dir):
+    """A whole run (6 trials) of the tiny model, exported with its report and card."""
+    from abfleet.job.spec import load_job
+    from abfleet.worker.jobrun import LogReporter, run_job
+    from abfleet.worker.rundir import RunDir
+
+    tmp = tmp_path_factory.mktemp("finished")
+    job_file = write_job(tmp / "job", str(tiny_model_dir), n_trials=6)
+    run = RunDir(tmp / "run")
+    result = run_job(load_job(str(job_file)), run, LogReporter())
+    assert result.state == "done"
+    return run, result
 
 
 PROMPTS = {

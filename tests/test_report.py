@@ -13,10 +13,6 @@ from pathlib import Path
 import pytest
 
 from abfleet.job import manifest
-from abfleet.job.spec import load_job
-from abfleet.worker.jobrun import LogReporter, run_job
-from abfleet.worker.rundir import RunDir
-from conftest import write_job
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
@@ -43,16 +39,6 @@ def _browser(page: Path, *flags: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
     )
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_model_dir):
-    tmp = tmp_path_factory.mktemp("report")
-    job_file = write_job(tmp / "job", str(tiny_model_dir), n_trials=6)
-    run = RunDir(tmp / "run")
-    result = run_job(load_job(str(job_file)), run, LogReporter())
-    assert result.state == "done"
-    return run, result
 
 
 def test_the_export_carries_a_report_that_a_browser_draws(finished_run):

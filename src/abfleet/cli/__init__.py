@@ -17,6 +17,7 @@ COMMANDS = {
     "run": "abfleet.cli.run:run_cmd",
     "size": "abfleet.cli.run:size_cmd",
     "report": "abfleet.cli.run:report_cmd",
+    "push": "abfleet.cli.run:push_cmd",
     "offers": "abfleet.cli.fleet:offers_cmd",
     "launch": "abfleet.cli.fleet:launch_cmd",
     "create": "abfleet.cli.fleet:create_cmd",

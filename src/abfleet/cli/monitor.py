@@ -83,6 +83,14 @@ def status_cmd(instance: str | None, run_name: str | None, as_json: bool) -> Non
             console.print(f"  [red]the box {box['error']}[/]")
         if r.get("hint"):
             console.print(f"  {r['hint']}")
+        push = r.get("push") or {}
+        if push.get("url"):
+            console.print(f"  pushed to {push['url']}")
+        elif push.get("error"):
+            console.print(
+                f"  [red]push to {push['repo']} failed:[/] {push['error']} (the export is kept: "
+                f"abfleet download {i['id']}, then abfleet push runs/{r['name']} --repo {push['repo']})"
+            )
         if r.get("local_study"):
             from abfleet.cli.run import dashboard_command
 

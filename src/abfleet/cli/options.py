@@ -58,6 +58,17 @@ def job_flags(func: Callable[..., Any]) -> Callable[..., Any]:
             "--kl-limit", type=float, help="Choice rule: fewest refusals with KL <= this."
         ),
         click.option("--trial", type=int, help="Export this trial instead of the rule's choice."),
+        click.option(
+            "--push-to-hub",
+            metavar="OWNER/NAME",
+            help="Push the verified export to this Hub repository when the run ends (HF_TOKEN "
+            "from the environment).",
+        ),
+        click.option(
+            "--push-private/--push-public",
+            default=None,
+            help="With --push-to-hub: create the repository private (default: public).",
+        ),
     ]
     for flag in reversed(flags):
         func = flag(func)
@@ -83,6 +94,8 @@ JOB_FLAG_NAMES = (
     "startup_trials",
     "kl_limit",
     "trial",
+    "push_to_hub",
+    "push_private",
 )
 
 

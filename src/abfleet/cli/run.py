@@ -10,6 +10,7 @@ import click
 
 from abfleet.cli.options import job_flags, pop_job_flags
 from abfleet.console import console, setup_logging
+from abfleet.errors import AbfleetError
 from abfleet.render import before_after_table, pareto_table
 from abfleet.worker import localrun
 
@@ -96,6 +97,15 @@ def _render(result: RunResult, prepared: localrun.LocalRun) -> None:
     )
     console.print(f"report: [bold]{result.model_dir / 'report.html'}[/] (open it in a browser)")
     console.print(f"study: {dashboard_command(result.storage_url)}")
+    if result.pushed:
+        console.print(f"pushed to [bold]{result.pushed}[/]")
+    elif result.push_error:
+        spec = prepared.job.spec.output
+        private = " --private" if spec.push_private else ""
+        console.print(
+            f"[red]push failed:[/] {result.push_error}; the export is kept: "
+            f"abfleet push {prepared.run.path} --repo {spec.push_to_hub}{private}"
+        )
 
 
 def dashboard_command(url: str) -> str:
@@ -120,6 +130,42 @@ def report_cmd(run_dir: Path, out: Path | None) -> None:
     console.print(
         f"report: [bold]{path}[/] ({path.stat().st_size / 1e6:.1f} MB, no network needed)"
     )
+
+
+@click.command("push")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--repo", required=True, metavar="OWNER/NAME", help="Hub repository to push to.")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
+def push_cmd(run_dir: Path, repo: str, private: bool, yes: bool) -> None:
+    """Push a run's verified export (RUN/model, or the model folder itself) to the Hugging
+    Face Hub, with its model card. The token comes from HF_TOKEN, never from an argument."""
+    from abfleet.cli.fleet import confirm_fn
+    from abfleet.errors import UserError
+    from abfleet.job import manifest
+    from abfleet.worker import publish
+
+    folder = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
+    publish.require_token(repo)
+    try:
+        entries = manifest.read(folder)
+    except AbfleetError as exc:
+        raise UserError(f"{folder} is not a finished export: {exc}") from exc
+    size = sum(e.size for e in entries) / 1e9
+    question = (
+        f"push {folder} ({len(entries)} files, {size:.2f} GB) to {repo} "
+        f"({'private' if private else 'PUBLIC'})?"
+    )
+    if not yes:
+        ask = confirm_fn()
+        if ask is None:
+            raise UserError(f"{question} Not asked without a terminal: add --yes")
+        if not ask(question):
+            console.print("nothing pushed")
+            return
+    console.print(f"checking {folder} against its manifest, then pushing it to {repo}")
+    url = publish.push(folder, repo, private)
+    console.print(f"pushed to [bold]{url}[/]")
 
 
 @click.command("size")

@@ -16,6 +16,7 @@ from abfleet.fleet.providers.base import Requirements
 from abfleet.fleet.sizing import Plan, plan_for_job, with_gpu
 from abfleet.job.source import ModelSource, judge_source, materialize, resolve_source
 from abfleet.job.spec import Job, load_job
+from abfleet.worker.publish import require_token
 
 Say = Callable[[str], None]
 Confirm = Callable[[str], bool]
@@ -87,6 +88,8 @@ def prepare(
     from abfleet.core.model import check_architecture
 
     job = load_job(job_arg, flags)
+    if job.spec.output.push_to_hub:  # the box pushes with the HF_TOKEN shipped from here
+        require_token(job.spec.output.push_to_hub)
     if job.spec.search.storage.startswith("sqlite"):
         raise UserError(
             "a cloud run keeps its SQLite study on the box: leave storage empty, or give a Postgres URL"

@@ -133,6 +133,9 @@ class Choice(_Strict):
 
 class Output(_Strict):
     dir: str = ""  # "": runs/<name> under the current directory
+    # OWNER/NAME on the Hugging Face Hub: the box pushes the verified export there itself
+    push_to_hub: str = Field(default="", pattern=r"^([\w.-]+/[\w.-]+)?$")
+    push_private: bool = False
 
 
 class JobSpec(_Strict):
@@ -239,6 +242,8 @@ FLAG_KEYS = {
     "kl_limit": "result.kl_limit",
     "trial": "result.trial",
     "startup_trials": "search.n_startup_trials",
+    "push_to_hub": "output.push_to_hub",
+    "push_private": "output.push_private",
 }
 
 

@@ -89,6 +89,7 @@ def instance_status(ledger: Ledger, target: Target, provider: Provider) -> dict[
                 trials=snap["trials"],
                 eta_s=snap.get("eta_s"),
                 box=snap.get("box"),
+                push=(snap.get("output") or {}).get("push"),
             )
     return data
 

@@ -177,6 +177,14 @@ def _tables(snap: dict[str, Any]) -> RenderableType:
             Text("exported", style="green"),
             f"{out['total_bytes'] / 1e9:.2f} GB, {len(out['files'])} files",
         )
+    push = out.get("push") or {}
+    if push.get("url") or push.get("error"):
+        ok = bool(push.get("url"))
+        side.add_row(
+            "hub",
+            Text("pushed" if ok else "push failed", style="green" if ok else "red"),
+            push.get("url") or push.get("error", ""),
+        )
     grid = Table.grid(padding=(0, 4))
     grid.add_column()
     grid.add_column()

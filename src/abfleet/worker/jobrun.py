@@ -44,6 +44,7 @@ from abfleet.job.source import ModelSource, judge_source, materialize, resolve_s
 from abfleet.job.spec import Job
 from abfleet.job.storage import redact_url
 from abfleet.render import fmt_kl
+from abfleet.worker import publish
 from abfleet.worker.report import NAME as REPORT_NAME
 from abfleet.worker.report import write_report
 from abfleet.worker.rundir import RunDir, StatusWriter, pid_alive
@@ -121,6 +122,8 @@ class RunResult:
     complete: int = 0
     n_trials: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    pushed: str = ""  # the Hub URL the export was pushed to
+    push_error: str = ""  # why the push failed (the export is still on disk)
 
 
 def worker_label(index: int) -> str:
@@ -431,9 +434,11 @@ def _run(
         quantized=quantization != "none",
         batch_size=min(batch_size, 8),
         measure=measure,
-        extras=lambda folder, saved: _report(study, saved, folder / REPORT_NAME),
+        extras=lambda folder, saved: _extras(study, saved, folder),
     )
     timings["export"] = time.monotonic() - t0
+    if spec.output.push_to_hub:
+        _push(run.model_dir, spec.output.push_to_hub, spec.output.push_private, result)
     # What the saved weights do (the search's own figures for the trial stay in the front).
     result.chosen = {**chosen, **check.get("figures", {})}
     result.model_dir = run.model_dir
@@ -446,13 +451,29 @@ def _run(
     return result
 
 
-def _report(study: Any, record: dict[str, Any], target: Path) -> None:
-    """The report beside the model; a model without it is still a result (`abfleet report`
-    rebuilds it later), so a failure here is logged, not raised."""
+def _extras(study: Any, record: dict[str, Any], folder: Path) -> None:
+    """The report and the model card beside the model. A model without them is still a
+    result (`abfleet report` rebuilds the report), so a failure here is logged, not raised."""
     try:
-        write_report(study, record, target)
+        write_report(study, record, folder / REPORT_NAME)
     except Exception as exc:  # noqa: BLE001 - plotting must never cost the export
         log.warning("the report could not be written (%s); `abfleet report` rebuilds it", exc)
+    try:
+        publish.write_card(folder, record)
+    except Exception as exc:  # noqa: BLE001 - nor the card
+        log.warning("the model card could not be written (%s)", exc)
+
+
+def _push(folder: Path, repo: str, private: bool, result: RunResult) -> None:
+    """Push the export from here (a box far from its user). A failed push leaves the export
+    in place, to download or push again with `abfleet push`: it does not fail the run."""
+    try:
+        result.pushed = publish.push(folder, repo, private)
+    except Exception as exc:  # noqa: BLE001 - the run's result is the export on disk
+        result.push_error = str(exc).splitlines()[0]
+        log.error("push to %s failed: %s", repo, result.push_error)
+    # Beside the model (not in it): `status` and `watch` read it through the snapshot.
+    publish.write_outcome(folder.parent, repo, result.pushed, result.push_error)
 
 
 AFTER_LONG = ("long_tokens", "long_refusals", "long_degenerate", "judge")

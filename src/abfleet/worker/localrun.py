@@ -20,6 +20,7 @@ from abfleet.errors import UserError
 from abfleet.job.source import resolve_source
 from abfleet.job.spec import HEAD_STORAGE, Job, bundle, check_output_dir, load_job
 from abfleet.job.storage import has_password
+from abfleet.worker import publish
 from abfleet.worker.rundir import RunDir
 
 
@@ -53,6 +54,8 @@ def validate(job: Job) -> None:
 def prepare(job_arg: str | None, flags: dict[str, Any]) -> LocalRun:
     job = load_job(job_arg, flags)
     validate(job)
+    if job.spec.output.push_to_hub:
+        publish.require_token(job.spec.output.push_to_hub)
     out = job.output_dir()
     if has_password(job.spec.search.storage):
         # The run folder's job says `env` (see bundle): this process and its secondary workers

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from abfleet.core.search import HEARTBEAT_ATTR
+from abfleet.worker.publish import read_outcome
 from abfleet.worker.rundir import FINAL_STATES, RunDir, pid_alive
 
 PARETO_ROWS = 10
@@ -310,6 +311,7 @@ def _output(run: RunDir) -> dict[str, Any]:
         "files": files,
         "total_bytes": sum(f["size"] for f in files),
         "result": record,
+        "push": read_outcome(run.path),
     }
 
 
