@@ -46,7 +46,7 @@ class HubState:
     repos: dict[str, dict[str, Any]] = field(default_factory=dict)
     objects: dict[str, Path] = field(default_factory=dict)  # LFS oid -> stored bytes
     calls: list[tuple[str, str]] = field(default_factory=list)
-    headers_seen: list[dict[str, str]] = field(default_factory=list)
+    auth_seen: list[str | None] = field(default_factory=list)  # Authorization of each call
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def repo_dir(self, repo: str) -> Path:
@@ -98,7 +98,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _authorized(self) -> bool:
         with self.hub.lock:
-            self.hub.headers_seen.append(dict(self.headers))
+            self.hub.auth_seen.append(self.headers.get("Authorization"))
         if self.headers.get("Authorization") == f"Bearer {TOKEN}":
             return True
         self._body()
@@ -149,10 +149,17 @@ class _Handler(BaseHTTPRequestHandler):
         repo = f"{payload.get('organization') or 'user'}/{payload['name']}"
         with self.hub.lock:
             if repo in self.hub.repos:
-                return self._answer(409, {"error": "You already created this model repo"})
+                # The Hub's conflict answer carries the URL too (create_repo(exist_ok) reads it).
+                return self._answer(
+                    409,
+                    {
+                        "error": "You already created this model repo",
+                        "url": f"{self._base()}/{repo}",
+                    },
+                )
             self.hub.repos[repo] = {"visibility": payload.get("visibility"), "commits": []}
         self.hub.repo_dir(repo).mkdir(parents=True, exist_ok=True)
-        self._answer(200, {"url": f"http://hub/{repo}", "name": repo})
+        self._answer(200, {"url": f"{self._base()}/{repo}", "name": repo})
 
     def _validate_yaml(self, payload: dict[str, Any]) -> None:
         content = payload.get("content", "")

@@ -4,6 +4,7 @@ endpoints (tests/fakehub.py), driven by the real huggingface_hub client over HTT
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ def hub(tmp_path):
 def _hub_env(hub: FakeHub, token: str | None = TOKEN) -> dict[str, str]:
     env = abfleet_env(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1")
     env.pop("HF_TOKEN", None)
+    env.pop("HF_HUB_OFFLINE", None)  # the suite's default: no hub at all
     if token is not None:
         env["HF_TOKEN"] = token
     return env
@@ -79,7 +81,7 @@ def test_push_uploads_exactly_the_verified_export_with_its_card(finished_run, hu
     assert f"{result.chosen['refusals']}/{result.chosen['n_bad']}" in card
 
     # The token went in a header only: never in argv, output or the files pushed.
-    assert all(h.get("Authorization") == f"Bearer {TOKEN}" for h in state.headers_seen)
+    assert state.auth_seen and all(a == f"Bearer {TOKEN}" for a in state.auth_seen)
     assert TOKEN not in proc.stdout + proc.stderr
     assert not any(TOKEN.encode() in p.read_bytes() for p in pushed.rglob("*") if p.is_file())
 
@@ -104,11 +106,13 @@ def test_push_refuses_a_changed_export_or_a_missing_token_before_any_upload(
         byte = handle.read(1)
         handle.seek(100)
         handle.write(bytes([byte[0] ^ 1]))
+    empty = tmp_path / "empty"
+    empty.mkdir()
     cases = [
         (("push", str(copy), "--repo", "me/x", "--yes"), _hub_env(hub), "differ from MANIFEST"),
         (("push", str(run.path), "--repo", "me/x", "--yes"), _hub_env(hub, None), "HF_TOKEN"),
         (("push", str(run.path), "--repo", "not a repo", "--yes"), _hub_env(hub), "OWNER/NAME"),
-        (("push", str(tmp_path), "--repo", "me/x", "--yes"), _hub_env(hub), "not a finished"),
+        (("push", str(empty), "--repo", "me/x", "--yes"), _hub_env(hub), "not a finished"),
     ]
     for args, env, expected in cases:
         proc = _abfleet(*args, env=env)
@@ -139,3 +143,14 @@ def test_run_with_push_to_hub_pushes_from_where_it_ran(tiny_model_dir, hub, tmp_
     pushed = hub.state.repo_dir("team/from-box")
     for e in manifest.read(out / "model"):
         assert _sha(pushed / e.path) == e.sha256, e.path
+    outcome = json.loads((out / "push.json").read_text())  # what status and watch show
+    assert outcome["repo"] == "team/from-box" and outcome["url"] and not outcome["error"]
+
+    # A Hub that cannot be reached does not fail the run: the export stays, and the command
+    # that pushes it later is on screen.
+    unreachable = {**_hub_env(hub), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    down = _abfleet(*args, "--trials", "3", env=unreachable)
+    assert down.returncode == 0, down.stderr[-3000:]
+    assert "push failed" in down.stdout and f"abfleet push {out}" in down.stdout
+    assert json.loads((out / "push.json").read_text())["error"]
+    assert (out / "model" / manifest.NAME).is_file()

@@ -10,7 +10,6 @@ import click
 
 from abfleet.cli.options import job_flags, pop_job_flags
 from abfleet.console import console, setup_logging
-from abfleet.errors import AbfleetError
 from abfleet.render import before_after_table, pareto_table
 from abfleet.worker import localrun
 
@@ -142,15 +141,11 @@ def push_cmd(run_dir: Path, repo: str, private: bool, yes: bool) -> None:
     Face Hub, with its model card. The token comes from HF_TOKEN, never from an argument."""
     from abfleet.cli.fleet import confirm_fn
     from abfleet.errors import UserError
-    from abfleet.job import manifest
     from abfleet.worker import publish
 
     folder = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
     publish.require_token(repo)
-    try:
-        entries = manifest.read(folder)
-    except AbfleetError as exc:
-        raise UserError(f"{folder} is not a finished export: {exc}") from exc
+    entries = publish.listed(folder)
     size = sum(e.size for e in entries) / 1e9
     question = (
         f"push {folder} ({len(entries)} files, {size:.2f} GB) to {repo} "

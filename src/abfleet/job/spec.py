@@ -424,7 +424,7 @@ def bundle(job: Job, dest: Path, model: str | None = None, output_dir: str = "")
             if isinstance(source, str)
             else {**source.model_dump(exclude_none=True), "path": rel}
         )
-    data["output"] = {"dir": output_dir}
+    data["output"] = {**data.get("output", {}), "dir": output_dir}  # the push target stays
     path = dest / "job.toml"
     tmp = path.with_suffix(".toml.tmp")
     tmp.write_text(tomli_w.dumps(data), encoding="utf-8")

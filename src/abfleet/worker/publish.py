@@ -143,13 +143,21 @@ def require_token(repo: str) -> None:
         )
 
 
+def listed(folder: Path) -> list[manifest.Entry]:
+    """The export's files as its manifest lists them."""
+    try:
+        return manifest.read(folder)
+    except (AbfleetError, OSError) as exc:
+        raise UserError(
+            f"{folder} is not a finished export (no readable {manifest.NAME}): give a run folder "
+            "or its model folder, downloaded with `abfleet download`"
+        ) from exc
+
+
 def push(folder: Path, repo: str, private: bool = False) -> str:
     """Check the export against its manifest, then upload it to repo; return its URL."""
     require_token(repo)
-    try:
-        entries = manifest.read(folder)
-    except AbfleetError as exc:
-        raise UserError(f"{folder} is not a finished export: {exc}") from exc
+    entries = listed(folder)
     bad = manifest.verify(folder, entries)
     if bad:
         raise UserError(
@@ -172,7 +180,14 @@ def push(folder: Path, repo: str, private: bool = False) -> str:
         )
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
-        raise UserError(f"the Hub refused the push to {repo} (HTTP {status}): {exc}") from exc
+        first = str(exc).splitlines()[0]
+        raise UserError(f"the Hub refused the push to {repo} (HTTP {status}): {first}") from exc
+    except Exception as exc:  # its transport's errors (httpx2 today) are not huggingface_hub API
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserError(
+            f"the push to {repo} failed ({type(exc).__name__}: {first}); run it again: "
+            "files already uploaded are not sent twice"
+        ) from exc
     log.info("pushed %s to %s", folder, url)
     return str(url)
 
