@@ -3,9 +3,9 @@
 Every trial runs the same prompts (the KL prompts, the held-out harmful prompts) through the
 model. A trial edits layers from some depth on (its kernel's reach); below that depth, the
 model is the base model, so those layers produce the same numbers in every trial. The first
-time a batch's prefill reaches a layer that is unedited, that layer's KV-cache entries are
-kept, and so is its output at every `stride`-th layer; a later trial whose edits start deeper
-puts those KV entries into its cache and hands the kept output to the first layer it must run.
+time a batch's prefill reaches a layer that is unedited, that layer's KV-cache entries and
+its output are kept; a later trial puts the kept KV entries of the layers below its first edit
+into its cache and hands the kept output to the first layer it must run.
 The skipped layers' results are the very tensors the layers computed for the same batch, so
 the logits are bit-identical to running them.
 
@@ -16,7 +16,6 @@ capped (`max_bytes`, kept in host memory); what does not fit is simply computed.
 from __future__ import annotations
 
 import contextlib
-import logging
 import weakref
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
@@ -24,8 +23,6 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
-
-log = logging.getLogger(__name__)
 
 # Host memory the store may use. A 72B prefill of 60 prompts keeps about 25 MB of KV entries
 # and 100 MB of hidden states per layer, so this covers its first layers; what does not fit

@@ -178,27 +178,21 @@ def _tradeoff(
 ) -> Any:
     import plotly.graph_objects as go
 
-    fig = go.Figure()
-    fig.add_trace(
-        go.Scatter(
-            x=[t.values[1] for t in trials],
-            y=[t.values[0] for t in trials],
-            mode="markers",
-            name="trials",
-            marker={"color": "#bbb", "size": 7},
-            text=[f"trial {t.number}" for t in trials],
+    def trials_trace(shown: list[Any], name: str, mode: str, marker: dict[str, Any]) -> Any:
+        return go.Scatter(
+            x=[t.values[1] for t in shown],
+            y=[t.values[0] for t in shown],
+            mode=mode,
+            name=name,
+            marker=marker,
+            text=[f"trial {t.number}" for t in shown],
         )
-    )
+
+    fig = go.Figure()
+    fig.add_trace(trials_trace(trials, "trials", "markers", {"color": "#bbb", "size": 7}))
     ordered = sorted(front, key=lambda t: t.values[1])
     fig.add_trace(
-        go.Scatter(
-            x=[t.values[1] for t in ordered],
-            y=[t.values[0] for t in ordered],
-            mode="lines+markers",
-            name="Pareto front",
-            marker={"color": "#1f77b4", "size": 9},
-            text=[f"trial {t.number}" for t in ordered],
-        )
+        trials_trace(ordered, "Pareto front", "lines+markers", {"color": "#1f77b4", "size": 9})
     )
     entries = rescore.get("entries") or {}
     by_number = {t.number: t for t in trials}
@@ -243,26 +237,17 @@ def _over_time(trials: list[Any]) -> Any:
 
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     done = sorted(trials, key=lambda t: t.number)
-    fig.add_trace(
-        go.Scatter(
-            x=[t.datetime_complete for t in done],
-            y=[t.values[0] for t in done],
-            mode="markers",
-            name="refusals",
-        ),
-        secondary_y=False,
-    )
-    fig.add_trace(
-        go.Scatter(
-            x=[t.datetime_complete for t in done],
-            y=[t.values[1] for t in done],
-            mode="markers",
-            name="KL",
-        ),
-        secondary_y=True,
-    )
-    fig.update_yaxes(title_text="refusals", secondary_y=False)
-    fig.update_yaxes(title_text="KL", secondary_y=True)
+    for index, name in enumerate(("refusals", "KL")):  # the study's two objectives
+        fig.add_trace(
+            go.Scatter(
+                x=[t.datetime_complete for t in done],
+                y=[t.values[index] for t in done],
+                mode="markers",
+                name=name,
+            ),
+            secondary_y=index == 1,
+        )
+        fig.update_yaxes(title_text=name, secondary_y=index == 1)
     fig.update_layout(height=360, margin={"t": 20})
     return fig
 
