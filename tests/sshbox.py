@@ -43,6 +43,8 @@ class SshBox:
     authorized_key: Path
     python: str = sys.executable  # the box's Python with torch (ABFLEET_PYTHON)
     env: dict[str, str] = field(default_factory=dict)  # more of the sessions' environment
+    listen: tuple[str, ...] = ("127.0.0.1",)  # the first is where start() checks it answers
+    wrap: list[str] = field(default_factory=list)  # e.g. `ip netns exec NAME`: sshd runs in it
     root: Path = field(init=False)
     proc: subprocess.Popen | None = None
 
@@ -62,10 +64,10 @@ class SshBox:
         path = os.pathsep.join(
             [str(Path(python).parent), "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"]
         )
+        listen = "".join(f"ListenAddress {a}\n" for a in self.listen)
         (self.directory / "sshd_config").write_text(
             f"""Port {self.port}
-ListenAddress 127.0.0.1
-HostKey {host_key}
+{listen}HostKey {host_key}
 PidFile {self.directory}/sshd.pid
 AuthorizedKeysFile {self.directory}/authorized_keys
 PasswordAuthentication no
@@ -84,7 +86,7 @@ SetEnv ABFLEET_REMOTE_ROOT={self.root} ABFLEET_PYTHON={python} PATH={path} HOME=
     def start(self) -> SshBox:
         Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
         self.proc = subprocess.Popen(
-            [SSHD, "-D", "-e", "-f", str(self.directory / "sshd_config")],
+            [*self.wrap, SSHD, "-D", "-e", "-f", str(self.directory / "sshd_config")],
             stdout=subprocess.DEVNULL,
             stderr=open(self.directory / "sshd.log", "ab"),  # noqa: SIM115 - lives as long as the server
             start_new_session=True,
@@ -93,7 +95,7 @@ SetEnv ABFLEET_REMOTE_ROOT={self.root} ABFLEET_PYTHON={python} PATH={path} HOME=
         while time.monotonic() < deadline:
             with (
                 contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+                socket.create_connection((self.listen[0], self.port), timeout=0.5),
             ):
                 return self
             time.sleep(0.05)

@@ -1,4 +1,5 @@
-"""Resumable, verified download over a real SSH server that is killed mid-transfer."""
+"""Resumable, verified download over a real SSH server that is killed mid-transfer: parallel
+ranged streams (the default), rsync and SFTP."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from abfleet.errors import AbfleetError
 from abfleet.fleet.remote import SshRemote, SshTarget, known_hosts_file
 from abfleet.job import manifest
+from abfleet.ops.streams import RANGES_SUFFIX, Ramp
 from abfleet.ops.transfer import STAGING, download
 
 MB = 1 << 20
@@ -60,17 +62,24 @@ def connector(box, key: Path):
 
 
 def staged_bytes(target: Path) -> int:
+    """Bytes on disk in the staging folder (allocated blocks: a ranged part is sparse)."""
     staging = target / STAGING
-    return (
-        sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()) if staging.exists() else 0
+    if not staging.exists():
+        return 0
+    return sum(
+        min(p.stat().st_size, p.stat().st_blocks * 512) for p in staging.rglob("*") if p.is_file()
     )
+
+
+def options(method: str) -> dict:
+    return {"prefer_rsync": method != "sftp", "stream_count": 8 if method == "parallel" else 1}
 
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("method", ["rsync", "sftp"])
+@pytest.mark.parametrize("method", ["parallel", "rsync", "sftp"])
 def test_download_survives_two_cuts_resends_little_and_is_bit_identical(
     method, box_with_model, ssh_key, model_files, tmp_path
 ):
@@ -96,7 +105,7 @@ def test_download_survives_two_cuts_resends_little_and_is_bit_identical(
 
     thread = threading.Thread(target=cutter, daemon=True)
     thread.start()
-    result = download(connector(box, ssh_key), remote_dir, target, prefer_rsync=method == "rsync")
+    result = download(connector(box, ssh_key), remote_dir, target, **options(method))
     thread.join(timeout=60)
     assert result.method == method
     assert len(cuts) == 2 and result.attempts >= 3, (cuts, result)
@@ -104,9 +113,76 @@ def test_download_survives_two_cuts_resends_little_and_is_bit_identical(
         assert sha(target / rel) == sha(model_files / rel), rel
     assert result.resent_fraction < 0.05, result
     assert not (target / STAGING).exists()
+    assert not list(target.rglob(f"*{RANGES_SUFFIX}"))
 
-    again = download(connector(box, ssh_key), remote_dir, target, prefer_rsync=method == "rsync")
+    again = download(connector(box, ssh_key), remote_dir, target, **options(method))
     assert again.bytes_transferred == 0 and again.skipped == len(SIZES) and again.method == "none"
+
+
+@pytest.mark.parametrize("method", ["parallel", "sftp"])
+def test_a_controller_killed_mid_download_resumes_from_the_recorded_ranges(
+    method, box_with_model, ssh_key, model_files, tmp_path
+):
+    """What a killed ranged download leaves: two stretches of the first shard and their record.
+    The streams fetch only the gap and the tail; one stream keeps the contiguous prefix."""
+    box, remote_dir = box_with_model
+    target = tmp_path / "got"
+    name = "model-00001-of-00003.safetensors"
+    source = (model_files / name).read_bytes()
+    part = target / STAGING / name
+    part.parent.mkdir(parents=True)
+    with open(part, "wb") as f:
+        f.write(source[: 40 * MB])
+        f.seek(80 * MB)
+        f.write(source[80 * MB : 120 * MB])
+    Path(str(part) + RANGES_SUFFIX).write_text(
+        f'{{"size": {len(source)}, "done": [[0, {40 * MB}], [{80 * MB}, {120 * MB}]]}}'
+    )
+    result = download(connector(box, ssh_key), remote_dir, target, **options(method))
+    assert result.method == method
+    for rel in SIZES:
+        assert sha(target / rel) == sha(model_files / rel), rel
+    kept = 80 * MB if method == "parallel" else 40 * MB  # SFTP appends after the prefix only
+    assert result.bytes_needed == sum(SIZES.values()) - 80 * MB
+    assert result.bytes_transferred == sum(SIZES.values()) - kept
+    assert not list(target.rglob(f"*{RANGES_SUFFIX}"))
+
+
+def test_a_box_whose_dd_reads_no_ranges_gets_one_rsync_stream(ssh_key, model_files, tmp_path):
+    """busybox's dd has no iflag=skip_bytes: the download falls back instead of failing."""
+    import sys
+
+    from sshbox import SshBox, free_port
+
+    bin_dir = tmp_path / "bin"  # first on the box's PATH
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    (bin_dir / "dd").write_text(
+        '#!/bin/sh\nfor a; do case $a in iflag=*) echo "dd: invalid operand" >&2; exit 1;; esac; done\n'
+        'exec /bin/dd "$@"\n'
+    )
+    (bin_dir / "dd").chmod(0o755)
+    box = SshBox(tmp_path / "box", free_port(), ssh_key, python=str(bin_dir / "python")).start()
+    try:
+        result = download(connector(box, ssh_key), str(model_files), tmp_path / "got")
+    finally:
+        box.kill()
+    assert result.method == "rsync" and result.streams == 1
+    for rel in SIZES:
+        assert sha(tmp_path / "got" / rel) == sha(model_files / rel), rel
+
+
+def test_streams_double_while_the_rate_grows_and_stop_when_it_does_not():
+    far = Ramp(8, every=1, now=0)  # each stream adds its window's worth
+    assert far.more(2, 10 * MB, True, now=0.5) == 0  # not a full second yet
+    assert far.more(2, 20 * MB, True, now=1) == 2  # 20 MB/s on 2: try 4
+    assert far.more(4, 60 * MB, True, now=2) == 4  # 40 MB/s: try 8
+    assert far.more(8, 140 * MB, True, now=3) == 0  # at the most
+    near = Ramp(8, every=1, now=0)  # CPU-bound: more streams do not help
+    assert near.more(2, 400 * MB, True, now=1) == 2
+    assert near.more(4, 820 * MB, True, now=2) == 0  # 420 MB/s is not a quarter more
+    assert near.more(4, 1600 * MB, True, now=9) == 0  # and it stays there
+    assert Ramp(8, every=1, now=0).more(2, 10 * MB, False, now=1) == 0  # nothing left to share
 
 
 @pytest.mark.parametrize("bad", ["../escape.bin", "/etc/passwd", "a/../../b", ""])
@@ -121,13 +197,16 @@ def test_manifest_paths_outside_the_model_folder_are_refused(boxes, ssh_key, tmp
     assert [p for p in (tmp_path / "got").rglob("*") if p.is_file()] == []
 
 
-def test_a_file_that_does_not_match_its_manifest_is_never_put_in_place(boxes, ssh_key, tmp_path):
+@pytest.mark.parametrize("now", [b"B" * 1000, b"B" * 600], ids=["changed", "shorter"])
+def test_a_file_that_does_not_match_its_manifest_is_never_put_in_place(
+    now, boxes, ssh_key, tmp_path
+):
     box = boxes("corrupt")
     remote = box.root / "m"
     remote.mkdir()
     (remote / "weights.bin").write_bytes(b"A" * 1000)
     manifest.write(remote)
-    (remote / "weights.bin").write_bytes(b"B" * 1000)  # changed after the manifest was written
+    (remote / "weights.bin").write_bytes(now)  # changed after the manifest was written
     with pytest.raises(AbfleetError, match="does not match"):
         download(connector(box, ssh_key), str(remote), tmp_path / "got")
     assert not (tmp_path / "got" / "weights.bin").exists()

@@ -148,6 +148,8 @@ def test_multi_shard_export_is_merged_file_by_file_and_answers_like_the_search(
     assert not (out / "consolidated.pth").exists()  # another format's unablated weights
     assert (out / "model.safetensors.index.json").exists() and (out / "tokenizer.json").exists()
     assert manifest.verify(out, manifest.read(out)) == []
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+    assert set(modes.values()) == {"0o644"}, modes  # readable by whoever the model is shared with
     assert json.loads((out / RUN_FILE).read_text())["load_check"]["max_kl"] == check["max_kl"]
 
     # Independently of the export's own check: the export, loaded, gives the searched logits.

@@ -17,6 +17,7 @@ from abfleet.fleet.instances import resolve_instance
 from abfleet.fleet.ledger import Ledger
 from abfleet.ops.actions import note_state
 from abfleet.ops.monitor import RunView, Session, Target, pick_run, require_run
+from abfleet.ops.streams import DEFAULT_STREAMS
 from abfleet.render import box_plan_line, fmt_duration, fmt_refusals, fmt_usd, pareto_table
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -242,7 +243,15 @@ def backup_cmd(instance: str | None, run_name: str | None) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Folder for the model (default: runs/<run>/model).",
 )
-@click.option("--sftp", is_flag=True, help="Use SFTP even when rsync is on both ends.")
+@click.option(
+    "--streams",
+    type=click.IntRange(1, 32),
+    default=DEFAULT_STREAMS,
+    show_default=True,
+    help="Parallel SSH connections (files side by side, large files in ranges); "
+    "1: one stream, rsync when both ends have it.",
+)
+@click.option("--sftp", is_flag=True, help="One SFTP stream, even when rsync is on both ends.")
 @click.option(
     "--then-destroy", is_flag=True, help="Destroy the instance once every file is verified."
 )
@@ -253,6 +262,7 @@ def download_cmd(
     instance: str | None,
     run_name: str | None,
     to_dir: Path | None,
+    streams: int,
     sftp: bool,
     then_destroy: bool,
     yes: bool,
@@ -284,13 +294,15 @@ def download_cmd(
             say,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             prefer_rsync=not sftp,
+            stream_count=streams,
             on_attempt=lambda n, why: err_console.print(
                 f"[yellow]connection lost ({why}); resuming[/]"
             ),
         )
     console.print(
         f"[bold green]verified[/] {result.files} files, {result.bytes_total / 1e9:.2f} GB in {dest} "
-        f"({result.method}, {result.bytes_transferred / 1e6:.1f} MB transferred, {result.seconds:.1f} s)"
+        f"({result.method}{f', {result.streams} streams' if result.streams > 1 else ''}, "
+        f"{result.bytes_transferred / 1e6:.1f} MB transferred, {result.seconds:.1f} s)"
     )
     if then_destroy or run.then_destroy:
         if run.then_destroy and not then_destroy:

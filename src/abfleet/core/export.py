@@ -140,6 +140,9 @@ def export_model(
         )
         if extras is not None:
             extras(tmp, json.loads((tmp / RUN_FILE).read_text(encoding="utf-8")))
+        for path in tmp.rglob("*"):  # safetensors writes its files owner-only; a model is shared
+            if path.is_file():
+                path.chmod(0o644)
         manifest.write(tmp)
         _replace_dir(tmp, target)
     finally:

@@ -21,6 +21,7 @@ from abfleet.fleet.providers.base import STOPPED, Provider
 from abfleet.fleet.rent import destroy_and_confirm, wait_ready
 from abfleet.fleet.spend import instance_spend, observe
 from abfleet.ops.monitor import BACKUP_FILE, RunView, Session, Target
+from abfleet.ops.streams import DEFAULT_STREAMS
 from abfleet.ops.transfer import DownloadResult, download
 from abfleet.worker.selfstop import DOWNLOADED_MARK, SELF_STOP_FILE
 
@@ -117,6 +118,7 @@ def fetch_model(
     progress: Callable[[int, int | None], None] | None = None,
     prefer_rsync: bool = True,
     on_attempt: Callable[[int, str], None] | None = None,
+    stream_count: int = DEFAULT_STREAMS,
 ) -> tuple[DownloadResult, bool]:
     """Download the run's model from the box that exported it, verified file by file; then
     bring the study and logs home too (a destroy needs a current backup), and tell the box.
@@ -138,6 +140,7 @@ def fetch_model(
             progress=progress,
             prefer_rsync=prefer_rsync,
             on_attempt=on_attempt,
+            stream_count=stream_count,
         )
     except BaseException as exc:
         if woke:
