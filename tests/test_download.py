@@ -172,16 +172,35 @@ def test_a_box_whose_dd_reads_no_ranges_gets_one_rsync_stream(ssh_key, model_fil
         assert sha(tmp_path / "got" / rel) == sha(model_files / rel), rel
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+def test_a_download_that_cannot_fit_is_refused_before_any_byte(box_with_model, ssh_key, tmp_path):
+    import subprocess
+
+    box, remote_dir = box_with_model
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], check=True)
+    try:
+        with pytest.raises(AbfleetError, match=r"GB free and the model needs 0\.3 GB more"):
+            download(connector(box, ssh_key), remote_dir, small / "got")
+        assert [p for p in small.rglob("*") if p.is_file()] == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
 def test_streams_double_while_the_rate_grows_and_stop_when_it_does_not():
     far = Ramp(8, every=1, now=0)  # each stream adds its window's worth
     assert far.more(2, 10 * MB, True, now=0.5) == 0  # not a full second yet
     assert far.more(2, 20 * MB, True, now=1) == 2  # 20 MB/s on 2: try 4
-    assert far.more(4, 60 * MB, True, now=2) == 4  # 40 MB/s: try 8
-    assert far.more(8, 140 * MB, True, now=3) == 0  # at the most
+    assert far.more(4, 30 * MB, True, now=2) == 0  # their handshakes: this second is not judged
+    assert far.more(4, 70 * MB, True, now=3) == 4  # 40 MB/s: try 8
+    assert far.more(8, 100 * MB, True, now=4) == 0
+    assert far.more(8, 180 * MB, True, now=5) == 0  # at the most
     near = Ramp(8, every=1, now=0)  # CPU-bound: more streams do not help
     assert near.more(2, 400 * MB, True, now=1) == 2
-    assert near.more(4, 820 * MB, True, now=2) == 0  # 420 MB/s is not a quarter more
-    assert near.more(4, 1600 * MB, True, now=9) == 0  # and it stays there
+    assert near.more(4, 780 * MB, True, now=2) == 0
+    assert near.more(4, 1200 * MB, True, now=3) == 0  # 420 MB/s is not a quarter more
+    assert near.more(4, 2400 * MB, True, now=9) == 0  # and it stays there
     assert Ramp(8, every=1, now=0).more(2, 10 * MB, False, now=1) == 0  # nothing left to share
 
 

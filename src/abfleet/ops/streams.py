@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from abfleet.errors import AbfleetError
 from abfleet.job import manifest
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,8 @@ class _Chunk:
 class Ramp:
     """How many streams to add: double them while the last doubling raised the rate by a
     quarter or more. Far from the box every stream adds its window's worth; near it, with the
-    CPU or the link the limit, more streams only cost handshakes."""
+    CPU or the link the limit, more streams only cost handshakes. The interval in which streams
+    were added is not judged: far away, their handshakes (a few round trips) fill most of it."""
 
     def __init__(self, most: int, every: float = RAMP_EVERY, now: float | None = None) -> None:
         self.most = most
@@ -183,6 +185,7 @@ class Ramp:
         self.since = time.monotonic() if now is None else now
         self.bytes = 0
         self.rate: float | None = None
+        self.settling = False
         self.done = False
 
     def more(self, running: int, received: int, work_left: bool, now: float | None = None) -> int:
@@ -191,10 +194,14 @@ class Ramp:
             return 0
         rate = (received - self.bytes) / (now - self.since)
         self.since, self.bytes = now, received
+        if self.settling:
+            self.settling = False
+            return 0
         if not work_left or running >= self.most or (self.rate and rate < 1.25 * self.rate):
             self.done = True
             return 0
         self.rate = rate
+        self.settling = True
         return min(running, self.most - running)
 
 
@@ -280,6 +287,11 @@ class ParallelFetch:
                 r.save()
         if self.fatal is not None:
             self.halt.set()
+            if isinstance(self.fatal, OSError):  # writing here failed: no retry will help
+                raise AbfleetError(
+                    f"could not write the download ({self.fatal.strerror or self.fatal}): "
+                    "fix that, then rerun the same command to resume"
+                ) from self.fatal
             raise self.fatal
         if self.queue:
             self.halt.set()

@@ -165,13 +165,23 @@ class Downloader:
         started = time.monotonic()
         self.target.mkdir(parents=True, exist_ok=True)
         remote = self.connect()
-        entries, ranged = read_manifest(remote, self.remote_dir)
-        verified = Verified(self.target)
-        todo = [e for e in entries if not verified.ok(self.target, e)]
-        skipped = len(entries) - len(todo)
-        verified.save()
-        self.total = sum(e.size for e in entries)
-        needed = sum(e.size for e in todo) - sum(self._staged(e) for e in todo)
+        try:
+            entries, ranged = read_manifest(remote, self.remote_dir)
+            verified = Verified(self.target)
+            todo = [e for e in entries if not verified.ok(self.target, e)]
+            skipped = len(entries) - len(todo)
+            self.total = sum(e.size for e in entries)
+            needed = sum(e.size for e in todo) - sum(self._staged(e) for e in todo)
+            free = shutil.disk_usage(self.target).free
+            if needed > free:  # found out now, not hours into a 140 GB download
+                raise AbfleetError(
+                    f"{self.target} has {free / 1e9:.1f} GB free and the model needs "
+                    f"{needed / 1e9:.1f} GB more: free some space or download elsewhere with --to DIR"
+                )
+            verified.save()
+        except BaseException:
+            remote.close()
+            raise
         method = self._method(remote, ranged) if todo else "none"
         transferred = 0
         tries = 0
