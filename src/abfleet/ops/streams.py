@@ -315,8 +315,10 @@ class ParallelFetch:
 
     def _spawn(self) -> subprocess.Popen:
         read_end, write_end = os.pipe()
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        setpipe = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only; a Mac keeps its default
+        if setpipe is not None:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(read_end, setpipe, PIPE_SIZE)
         remote = shlex.join(["sh", "-c", SERVE, "sh", self.remote_dir])
         try:
             proc = subprocess.Popen(
