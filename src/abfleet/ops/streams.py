@@ -260,7 +260,9 @@ class ParallelFetch:
 
     def run(self) -> int:
         """Fetch every missing byte; the bytes that came over the wire."""
-        hasher = threading.Thread(target=self._hash, daemon=True, name="abfleet-hash")
+        hasher = GrowingHasher(
+            self.parts, self.entries, lambda i, _fd: self.ranges[i].prefix(), self.digests
+        )
         hasher.start()
         threads: list[threading.Thread] = []
 
@@ -279,6 +281,7 @@ class ParallelFetch:
                 add(ramp.more(len(threads), self.received, bool(self.queue)))
         except BaseException:
             self.halt.set()
+            hasher.halt.set()
             for t in threads:
                 t.join(10)
             raise
@@ -287,6 +290,7 @@ class ParallelFetch:
                 r.save()
         if self.fatal is not None:
             self.halt.set()
+            hasher.halt.set()
             if isinstance(self.fatal, OSError):  # writing here failed: no retry will help
                 raise AbfleetError(
                     f"could not write the download ({self.fatal.strerror or self.fatal}): "
@@ -295,7 +299,7 @@ class ParallelFetch:
             raise self.fatal
         if self.queue:
             self.halt.set()
-            hasher.join(10)
+            hasher.stop()
             raise Cut(f"every stream lost its connection with {len(self.queue)} chunks left")
         hasher.join()
         return self.received
@@ -419,25 +423,48 @@ class ParallelFetch:
             os.close(fd)
             ranges.save()
 
-    # -- hashing, in file order, as far as each file has arrived contiguously ------------------
 
-    def _hash(self) -> None:
-        for e, part, ranges in zip(self.entries, self.parts, self.ranges, strict=True):
+class GrowingHasher(threading.Thread):
+    """Hashes each staged file, in order, as far as it has arrived contiguously, so checking the
+    manifest costs no second pass. `available(i, fd)` says how far file i is contiguous: its
+    size for rsync (which appends), the recorded prefix for ranged streams. A digest is kept
+    with the file's size and mtime, so one made stale by a later rewrite is ignored."""
+
+    def __init__(
+        self,
+        parts: list[Path],
+        entries: list[manifest.Entry],
+        available: Callable[[int, int], int],
+        digests: dict[str, tuple[int, int, str]],
+    ) -> None:
+        super().__init__(daemon=True, name="abfleet-hash")
+        self.parts = parts
+        self.entries = entries
+        self.available = available
+        self.digests = digests
+        self.halt = threading.Event()
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(timeout=30)
+
+    def run(self) -> None:
+        for i, (e, part) in enumerate(zip(self.entries, self.parts, strict=True)):
+            while not part.is_file():
+                if self.halt.wait(0.01):
+                    return
             digest = hashlib.sha256()
             done = 0
             # pread, unbuffered: a buffered reader would read ahead into holes not yet written.
             fd = os.open(part, os.O_RDONLY)
             try:
                 while done < e.size:
-                    upto = ranges.prefix()
+                    upto = min(self.available(i, fd), e.size)
                     if upto <= done:
                         if self.halt.wait(0.01):
                             return
                         continue
-                    while done < upto:
-                        chunk = os.pread(fd, min(4 * READ, upto - done), done)
-                        if not chunk:
-                            break
+                    while done < upto and (chunk := os.pread(fd, min(4 * READ, upto - done), done)):
                         digest.update(chunk)
                         done += len(chunk)
             finally:

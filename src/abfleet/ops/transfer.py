@@ -395,7 +395,11 @@ class Downloader:
             f"{t.user}@{t.host}:{self.remote_dir}/",
             f"{self.staging}/",
         ]
-        hasher = _GrowingHasher(self.staging, todo, self.digests)
+        parts = [self.staging / e.path for e in todo]
+        # rsync --append writes each file in place, in list order: its size is what arrived.
+        hasher = streams.GrowingHasher(
+            parts, todo, lambda _i, fd: os.fstat(fd).st_size, self.digests
+        )
         hasher.start()
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
@@ -460,48 +464,6 @@ def _hash_prefix(path: Path, length: int) -> Any:
                 digest.update(chunk)
                 left -= len(chunk)
     return digest
-
-
-class _GrowingHasher(threading.Thread):
-    """Hashes each staged file while rsync appends to it, so verification costs no extra pass.
-
-    rsync goes through the files in list order; this follows it, reading what has arrived.
-    A digest is kept with the file's size and mtime: if rsync rewrites the file afterwards (its
-    own append check failed), the stale digest is ignored and the file hashed again.
-    """
-
-    def __init__(
-        self, staging: Path, todo: list[manifest.Entry], digests: dict[str, tuple[int, int, str]]
-    ) -> None:
-        super().__init__(daemon=True)
-        self.staging = staging
-        self.todo = todo
-        self.digests = digests
-        self._halt = threading.Event()
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(timeout=30)
-
-    def run(self) -> None:
-        for e in self.todo:
-            path = self.staging / e.path
-            while not path.is_file():
-                if self._halt.wait(0.01):
-                    return
-            digest = hashlib.sha256()
-            done = 0
-            with open(path, "rb") as handle:
-                while done < e.size:
-                    chunk = handle.read(CHUNK * 4)
-                    if chunk:
-                        digest.update(chunk)
-                        done += len(chunk)
-                    elif self._halt.wait(0.005):
-                        return
-            if done == e.size:
-                st = path.stat()
-                self.digests[e.path] = (st.st_size, st.st_mtime_ns, digest.hexdigest())
 
 
 def _plain_method(remote: Remote) -> str:
