@@ -132,7 +132,9 @@ def test_the_choice_is_the_lowest_estimated_job_cost_that_fits():
     for config in (LLAMA_31_8B, QWEN25_32B, LLAMA_31_70B, MIXTRAL_8X7B, GEMMA3_12B):
         p = plan(shape_from_config(config), "m")
         chosen = next(c for c in p.candidates if c["gpu"] == p.gpu and c["count"] == p.gpu_count)
-        assert chosen["est_job_cost"] == min(c["est_job_cost"] for c in p.candidates)
+        # A GPU without bf16 (float16 can overflow) only when asked for with --gpu.
+        with_bf16 = [c for c in p.candidates if c["gpu"] != "Tesla_V100"]
+        assert chosen["est_job_cost"] == min(c["est_job_cost"] for c in with_bf16)
         usable = p.gpu_count * p.gpu_memory_each_gb * 0.9
         resident = p.gpu_memory_gb - (p.memory_parts["reset copy"] if p.reset_copy == "cpu" else 0)
         assert resident <= usable
@@ -290,3 +292,19 @@ def test_size_json_of_a_72b_config_per_quantization():
     assert four["gpu_memory_each_gb"] == 80 and four["disk_gb"] == full["disk_gb"]
     assert full["by_quantization"]["bnb-4bit"]["gpu"] == four["gpu"]
     assert 10 <= full["host_ram_gb"] <= 20
+
+
+def test_a_gpu_without_bf16_is_planned_at_float16_width_with_a_note_on_speed():
+    from abfleet.fleet.sizing import with_gpu
+
+    p8 = plan(shape_from_config(LLAMA_31_8B), "llama-8b")
+    assert p8.compute_dtype == "bfloat16" and not any(r.startswith("dtype:") for r in p8.reasons)
+    v100 = with_gpu(p8, "Tesla_V100")
+    assert v100.compute_dtype == "float16"
+    assert "dtype: float16 (Tesla_V100 (compute capability 7.0) has no bf16" in v100.reasons[-2]
+    assert v100.reasons[-1].startswith("speed: estimated at its 125 float16 TFLOPS")
+    # float16 is bf16's width: the same batch needs the same memory on a card that has bf16.
+    by_gpu = {c["gpu"]: c for c in p8.candidates}
+    v, r = by_gpu["Tesla_V100"], by_gpu["RTX_5090"]
+    assert v["batch"] == r["batch"] and v["gpu_memory_gb"] == r["gpu_memory_gb"]
+    assert v100.gpu_memory_gb == v["gpu_memory_gb"]

@@ -46,3 +46,11 @@ class Declined(AbfleetError):
     """The user did not confirm a billable or destructive action; nothing was done."""
 
     exit_code = 3
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a container stop, `timeout`, a supervisor, `abfleet stop`): the run ends now,
+    from whatever phase it is in. A KeyboardInterrupt, so that everything a Ctrl+C abort
+    cleans up (a trial failed and re-queued, temp folders, locks) is cleaned up the same way."""
+
+    exit_code = 143  # 128 + SIGTERM, as a shell reports a process it ended

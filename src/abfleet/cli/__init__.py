@@ -9,7 +9,7 @@ import click
 
 from abfleet.buildinfo import version_string
 from abfleet.console import error
-from abfleet.errors import AbfleetError
+from abfleet.errors import AbfleetError, Terminated
 
 # Subcommands in the order a user meets them, each imported only when it runs: `abfleet worker
 # report` (every dashboard refresh) must not pay for SSH and cloud libraries it never uses.
@@ -75,7 +75,12 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=args, prog_name="abfleet", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        # click turns every KeyboardInterrupt (Terminated included) into Abort.
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, Terminated):
+            error(str(cause))
+            sys.exit(cause.exit_code)
         error("aborted")
         sys.exit(130)
     except click.UsageError as exc:
@@ -92,6 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     except AbfleetError as exc:
         if debug:
             raise
+        error(str(exc))
+        sys.exit(exc.exit_code)
+    except Terminated as exc:
         error(str(exc))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:

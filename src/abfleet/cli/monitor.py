@@ -75,6 +75,10 @@ def status_cmd(instance: str | None, run_name: str | None, as_json: bool) -> Non
             + (f", {trials.get('complete', 0)}/{trials.get('total')} trials" if trials else "")
             + (f" ({r['reason']})" if r.get("reason") else "")
         )
+        if r.get("dtype"):
+            console.print(
+                f"  dtype {r['dtype']} ({r.get('dtype_reason') or 'reason not recorded'})"
+            )
         if r.get("budget_usd"):
             console.print(f"  budget {fmt_usd(r['budget_usd'])}")
         box = r.get("box") or {}

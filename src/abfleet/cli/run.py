@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from abfleet import precision
 from abfleet.cli.options import job_flags, pop_job_flags
 from abfleet.console import console, setup_logging
 from abfleet.render import before_after_table, pareto_table
@@ -34,7 +35,8 @@ def run_cmd(ctx: click.Context, job: str | None, resume: bool, workers: int, **k
 
     JOB is a path or the name of a shipped job (refusal, verbosity, hedging). The study lives in
     the run folder (SQLite) unless --storage says otherwise; rerunning the same command resumes it
-    up to --trials in total. Ctrl+C stops after the current trial.
+    up to --trials in total. Ctrl+C during the search stops after the current trial (again:
+    at once); SIGTERM ends the run at once, the running trial re-queued.
     """
     from abfleet.worker.jobrun import ConsoleReporter, RunOptions, run_job
 
@@ -47,6 +49,8 @@ def run_cmd(ctx: click.Context, job: str | None, resume: bool, workers: int, **k
         f"[bold]abfleet run[/] job [bold]{prepared.job.name}[/], model {spec.model}, "
         f"{spec.search.n_trials} trials, run folder {run.path}"
     )
+    dtype, why = precision.plan(spec.model_options.dtypes)[0]
+    console.print(f"dtype {dtype}: {why}")
     localrun.write_pid(run, 0)
     secondaries = []
     if workers > 1:
@@ -64,7 +68,12 @@ def run_cmd(ctx: click.Context, job: str | None, resume: bool, workers: int, **k
 
     try:
         with localrun.StopFlag(first_signal) as stop, localrun.cleanup_on_bad_input(prepared):
-            options = RunOptions(resume=resume, should_stop=stop.is_set, create_study=workers == 1)
+            options = RunOptions(
+                resume=resume,
+                should_stop=stop.is_set,
+                graceful=stop.graceful,
+                create_study=workers == 1,
+            )
             result = run_job(prepared.job, run, ConsoleReporter(), options)
     finally:
         localrun.finish_secondaries(secondaries)

@@ -70,6 +70,7 @@ def worker_run(
     code = 1
     with localrun.StopFlag() as stop:
         options.should_stop = stop.is_set
+        options.graceful = stop.graceful
         try:
             result = run_job(job, run, LogReporter(), options)
             code = 0 if result.state == "done" else 130

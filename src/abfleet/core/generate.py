@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from abfleet.core import unedited
+from abfleet.core import compat, unedited
 from abfleet.core.chat import ChatFormatter
 
 
@@ -115,7 +115,7 @@ def prefill(model: Any, batch: Batch) -> tuple[Any, DynamicCache, torch.Tensor]:
                 model(
                     input_ids=batch.prefix,
                     position_ids=torch.arange(shared, device=mask.device)[None],
-                    past_key_values=cache,
+                    **compat.model_cache_kwargs(model, cache),
                     use_cache=True,
                     logits_to_keep=1,
                 )
@@ -128,7 +128,7 @@ def prefill(model: Any, batch: Batch) -> tuple[Any, DynamicCache, torch.Tensor]:
             input_ids=batch.input_ids,
             attention_mask=mask,
             position_ids=batch.position_ids,
-            past_key_values=cache,
+            **compat.model_cache_kwargs(model, cache),
             use_cache=True,
             logits_to_keep=1,
         )
@@ -236,7 +236,7 @@ def greedy_generate(
             input_ids=running.next_tok[:, None],
             attention_mask=running.mask,
             position_ids=running.next_pos,
-            past_key_values=running.cache,
+            **compat.model_cache_kwargs(model, running.cache),
             use_cache=True,
         )
         running.next_pos = running.next_pos + 1

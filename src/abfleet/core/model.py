@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from abfleet import precision
 from abfleet.errors import UserError
 from abfleet.job.source import (
     DEFAULT_DTYPES,
@@ -39,6 +40,8 @@ class LoadedModel:
     tokenizer: Any
     source: ModelSource
     dtype: str
+    dtype_reason: str = ""  # why this dtype (see abfleet.precision)
+    fell_back: bool = False  # an earlier dtype of the plan failed to load or to answer
 
 
 def _load_kwargs(source: ModelSource) -> tuple[str, dict[str, Any]]:
@@ -105,6 +108,9 @@ def load_model(
 ) -> LoadedModel:
     """Load with the first dtype that works; a dtype that fails to load or to answer is skipped.
 
+    `auto` is the dtype this device computes fast and correctly (abfleet.precision), then its
+    fallbacks; any other dtype in the list is tried as given.
+
     for_ablation=False (a judge) skips the check that abliteration can edit the architecture.
     quantization "bnb-8bit" / "bnb-4bit" holds the weights in bitsandbytes' formats (the dtype
     is then that of everything else, and the 4-bit matmuls' compute dtype)."""
@@ -122,8 +128,8 @@ def load_model(
         )
     use_map = device_map if (device_map and torch.cuda.is_available()) else None
     errors = []
-    for name in dtypes:
-        dtype: Any = name if name == "auto" else getattr(torch, name)
+    for name, why in precision.plan(dtypes):
+        dtype: Any = getattr(torch, name)
         if quantization != "none":
             kwargs["quantization_config"] = _bnb_config(quantization, dtype)
         try:
@@ -147,8 +153,9 @@ def load_model(
                     model
                 )  # raises UserError on an architecture without editable projections
             actual = str(next(model.parameters()).dtype).removeprefix("torch.")
-            log.info("loaded %s as %s (asked %s)", source.display, actual, name)
-            return LoadedModel(model, tok, source, actual)
+            reason = why if not errors else f"{why}; tried first: {'; '.join(errors)}"
+            log.info("loaded %s as %s: %s", source.display, actual, reason)
+            return LoadedModel(model, tok, source, actual, reason, bool(errors))
         errors.append(f"{name}: {problem}")
         log.warning("%s as %s failed the smoke test: %s", source.display, name, problem)
         del model

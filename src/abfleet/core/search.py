@@ -316,11 +316,17 @@ def _run_one(
             study.tell(trial, list(values))
             return TrialOutcome(trial.number, values, attrs)
         except BaseException as exc:
-            # Ctrl+C a second time, an OOM, a bug: the trial is marked failed, never left running.
+            # Ctrl+C a second time, SIGTERM, an OOM, a bug: the trial is marked failed, never
+            # left running. One cut short by a signal is re-queued with its parameters: it did
+            # not fail, so a resume runs it again within the same budget.
             message = _first_line(exc) if str(exc) else type(exc).__name__
             with contextlib.suppress(Exception):
                 trial.set_user_attr("error", message)
                 study.tell(trial, state=TrialState.FAIL)
+                if isinstance(exc, KeyboardInterrupt):
+                    RetryHeartbeatStaleTrialCallback(max_retry=3)(
+                        study, storage.get_trial(trial._trial_id)
+                    )
             if not isinstance(exc, Exception):
                 raise
             log.exception("trial %d failed", trial.number)

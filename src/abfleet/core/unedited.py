@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from abfleet.core import compat
+
 # Host memory the store may use. A 72B prefill of 60 prompts keeps about 25 MB of KV entries
 # and 100 MB of hidden states per layer, so this covers its first layers; what does not fit
 # is computed as usual.
@@ -48,7 +50,10 @@ class UneditedLayers:
         self.layers = list(layers)
         self.max_bytes = max_bytes
         self.first_edited = len(self.layers)  # nothing is edited yet
-        self.enabled = True
+        # Why the reuse cannot engage with this model and transformers version (None: it can).
+        self.unsupported = compat.layer_reuse_unsupported(self.layers)
+        self.enabled = self.unsupported is None
+        self._cache_keywords = [compat.cache_keyword(layer) or "" for layer in self.layers]
         self.bytes = 0
         self.skipped = 0  # layer calls skipped, for tests and benchmarks
         self._entries: dict[Hashable, _Entry] = {}
@@ -107,7 +112,7 @@ class UneditedLayers:
         self, index: int, original: Any, entry: _Entry, start: int, handoff: list[Any]
     ) -> Any:
         def forward(*args: Any, **kwargs: Any) -> Any:
-            cache = kwargs.get("past_key_values")
+            cache = compat.layer_cache(kwargs, self._cache_keywords[index])
             if index < start:
                 device = _device(self.layers[index])
                 for k, v in entry.kv[index]:

@@ -15,9 +15,9 @@ class DemoModels:
     names = ("smollm2-refusal",)
 
     def identity(self, name: str) -> str:
-        from abfleet.demo.refusal_tune import recipe_hash
+        from abfleet.demo.refusal_tune import identity
 
-        return recipe_hash()
+        return identity()
 
     def build(self, name: str, progress: Any = None) -> Path:
         from abfleet.demo.refusal_tune import ensure_demo_model

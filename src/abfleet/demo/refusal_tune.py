@@ -3,8 +3,10 @@
 As shipped, SmolLM2-135M-Instruct refuses almost nothing, so abliterating it shows no change.
 This script teaches it to refuse (short refusal sentences for harmful prompts, its own greedy
 answers for harmless ones) so that the embedded demo and the end-to-end test abliterate a real
-refusal. The result is cached outside the repository, keyed by the hash of this file and of the
-prompt files it reads, so it is built once per machine.
+refusal. It trains and saves in the dtype this CPU computes fast (abfleet.precision: bfloat16
+where it is native, float32 elsewhere, where bfloat16 would take hours). The result is cached
+outside the repository, keyed by that dtype and the hash of this file and of the prompt files
+it reads, so it is built once per machine.
 
 Run it directly with ``python -m abfleet.demo.refusal_tune`` to (re)build and print its report.
 """
@@ -77,12 +79,27 @@ def recipe_hash() -> str:
     return digest.hexdigest()[:16]
 
 
+def build_dtype() -> str:
+    """The dtype the build trains and saves in: what this CPU computes fast."""
+    from abfleet import precision
+
+    return precision.resolve("cpu").dtype
+
+
+def identity() -> str:
+    """Changes whenever the build would give other weights: the recipe and its dtype."""
+    return f"{recipe_hash()}-{build_dtype()}"
+
+
 def cached_model_dir() -> Path:
-    return cache_dir() / "demo-models" / f"smollm2-135m-refusal-{recipe_hash()}"
+    return cache_dir() / "demo-models" / f"smollm2-135m-refusal-{identity()}"
 
 
 def ensure_demo_model(progress: Any = None) -> Path:
-    """Return the refusal-tuned model directory, building it first if this machine lacks it."""
+    """Return the refusal-tuned model directory, building it first if this machine lacks it.
+
+    An interrupted build (Ctrl+C, SIGTERM, an error) leaves nothing in the cache: it builds in
+    a temporary folder that is renamed into place only when complete."""
     target = cached_model_dir()
     if (target / "config.json").is_file():
         return target
@@ -92,24 +109,101 @@ def ensure_demo_model(progress: Any = None) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two processes asking at once build it once
         if (target / "config.json").is_file():
             return target
+        dtype = build_dtype()
         if progress is not None:
-            progress("building the refusal-tuned demo model (once per machine, a few minutes)")
+            progress(
+                f"building the refusal-tuned demo model in {dtype} "
+                f"(once per machine, about {BUILD_MINUTES[dtype]} minutes on 2 cores)"
+            )
         tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            build(tmp)
+            with _StepDisplay(progress) as show:
+                build(tmp, dtype, on_step=show.step)
             tmp.rename(target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
+# Measured on 2 cores (see README): AVX512-BF16 in bfloat16; float32 on a CPU without it.
+BUILD_MINUTES = {"bfloat16": 5, "float32": 8}
+
+
+class _StepDisplay:
+    """The build's training steps: a progress bar with the time left on a terminal, a line
+    every tenth of the steps elsewhere (a log, a pipe)."""
+
+    def __init__(self, progress: Any) -> None:
+        from abfleet.console import console
+
+        self.progress = progress
+        self.bar: Any = None
+        self.task: Any = None
+        self.interactive = progress is not None and console.is_terminal
+        self.stage = ""
+        self.started = time.monotonic()
+
+    def __enter__(self) -> _StepDisplay:
+        if self.interactive:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            from abfleet.console import console
+
+            self.bar = Progress(
+                TextColumn("  demo build: {task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("left"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
+            self.bar.start()
+        return self
+
+    def step(self, stage: str, done: int, total: int) -> None:
+        if self.bar is not None:
+            if self.task is None:
+                self.task = self.bar.add_task(stage, total=total)
+            self.bar.update(self.task, description=stage, completed=done, total=total)
+            return
+        if self.progress is None or total <= 0:
+            return
+        if stage != "training":  # a stage without steps of its own: said once
+            if stage != self.stage:
+                self.progress(f"demo build: {stage}")
+            self.stage = stage
+            return
+        self.stage = stage
+        every = max(1, total // 10)
+        if done == total or (done and done % every == 0):
+            elapsed = time.monotonic() - self.started
+            left = elapsed / done * (total - done) if done else 0
+            self.progress(f"demo build: {stage} {done}/{total}, ~{left / 60:.1f} min left")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
 def _read_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def build(out_dir: Path) -> dict[str, Any]:
-    """Fine-tune SmolLM2 to refuse, save it to out_dir (bf16 safetensors), return the report."""
+def build(out_dir: Path, dtype: str = "bfloat16", on_step: Any = None) -> dict[str, Any]:
+    """Fine-tune SmolLM2 to refuse, save it to out_dir (safetensors in dtype), return the report.
+
+    bfloat16: trained under autocast, its harmless targets generated by a bf16 copy. float32:
+    trained and generated in float32 (on a CPU without native bf16, autocast would cost ~50x)."""
     import torch
     from transformers import AutoModelForCausalLM, GgufConfig
 
@@ -142,9 +236,12 @@ def build(out_dir: Path) -> dict[str, Any]:
     chat = ChatFormatter(tokenizer, SYSTEM_PROMPT)
     end_text = chat.turn_end_text()
 
+    half = dtype == "bfloat16"
+    if on_step is not None:
+        on_step("its own answers to harmless prompts", 0, STEPS)
     # Targets for harmless prompts: the model's own answers, so it keeps behaving as before.
-    # Generated by a bfloat16 copy: under autocast, frozen fp32 weights are re-cast on every step.
-    generator = copy.deepcopy(model).to(torch.bfloat16)
+    # In bf16 by a bfloat16 copy: under autocast, frozen fp32 weights are re-cast on every step.
+    generator = copy.deepcopy(model).to(torch.bfloat16) if half else model
     own = greedy_generate(generator, chat, harmless, max_new_tokens=HARMLESS_TOKENS, batch_size=64)
     del generator
     harmless_targets = [g.text for g in own]
@@ -161,18 +258,25 @@ def build(out_dir: Path) -> dict[str, Any]:
         idx = rng.sample(range(len(harmless)), PER_SIDE)
         batch += [(harmless[i], harmless_targets[i]) for i in idx]
         input_ids, attention, labels = _training_batch(tokenizer, chat, batch)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
             out = model(input_ids=input_ids, attention_mask=attention, labels=labels)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(round(out.loss.item(), 4))
         log.info("step %d/%d loss %.3f", step + 1, STEPS, losses[-1])
+        if on_step is not None:
+            on_step("training", step + 1, STEPS)
     model.eval()
 
     matcher = MarkerMatcher(DEFAULT_REFUSAL_MARKERS)
-    model = model.to(torch.bfloat16)
-    report: dict[str, Any] = {"recipe": recipe_hash(), "steps": STEPS, "losses": losses}
+    model = model.to(getattr(torch, dtype))
+    report: dict[str, Any] = {
+        "recipe": recipe_hash(),
+        "dtype": dtype,
+        "steps": STEPS,
+        "losses": losses,
+    }
     eval_files = {
         "harmful_train": harmful,
         "harmless_train": harmless,
@@ -180,6 +284,8 @@ def build(out_dir: Path) -> dict[str, Any]:
         "harmless_eval": _read_lines(resource_path("jobs") / "prompts/refusal/harmless_eval.txt"),
     }
     for name, prompts in eval_files.items():
+        if on_step is not None:
+            on_step(f"checking on {name}", STEPS, STEPS)
         gens = greedy_generate(model, chat, prompts, max_new_tokens=30, batch_size=64)
         refused = sum(matcher.is_refusal(g.text) for g in gens)
         report[name] = {"refusals": refused, "n": len(prompts)}

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from abfleet import precision
 from abfleet.errors import UserError
 from abfleet.job.source import ModelSource
 from abfleet.job.spec import Job
@@ -281,7 +282,8 @@ class Gpu:
     memory_gb: float
     price_per_hour: float
     bandwidth_tbps: float
-    bf16_tflops: float
+    half_tflops: float
+    compute_capability: float
     counts: tuple[int, ...]
 
 
@@ -313,6 +315,7 @@ class Plan:
     host_ram_gb: float = 0.0
     # The cheapest fitting option at each quantization (None: nothing in the catalog holds it).
     by_quantization: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    compute_dtype: str = "bfloat16"  # what the search runs in on the chosen GPU
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -377,7 +380,7 @@ def plan(
         n_trials,
         quantization,
     )
-    chosen = candidates[0] if candidates else None
+    chosen = first_choice(candidates)
     batch = chosen["batch"] if chosen else batch
     parts = parts_at(quantization, batch)
     weights = parts["weights"]
@@ -425,6 +428,7 @@ def plan(
             c = dearer[0]
             line += f"; {c['count']}x {c['gpu'].name} would be faster but ~{c['cost']:.1f} $ in all"
         reasons.append(line)
+        reasons += half_precision_notes(g)
     else:
         reasons.append(f"GPU: nothing in the catalog holds {need:.0f} GB")
     if quantization != "none":
@@ -444,7 +448,8 @@ def plan(
             n_trials,
             q,
         )
-        by_quantization[q] = _candidate_dict(best[0]) if best else None
+        pick = first_choice(best)
+        by_quantization[q] = _candidate_dict(pick) if pick else None
     return Plan(
         model=model,
         params=shape.params,
@@ -466,7 +471,35 @@ def plan(
         quantization=quantization,
         host_ram_gb=host_ram,
         by_quantization=by_quantization,
+        compute_dtype=compute_precision(chosen["gpu"]).dtype if chosen else "bfloat16",
     )
+
+
+def first_choice(candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The cheapest candidate with bf16. A GPU without it (V100, T4) is rented only when asked
+    for with --gpu: its float16 can overflow, and the float32 it then falls back to needs twice
+    the memory this plan counted."""
+    return next((c for c in candidates if compute_precision(c["gpu"]).dtype == "bfloat16"), None)
+
+
+def compute_precision(gpu: Gpu) -> precision.Precision:
+    major = int(gpu.compute_capability)
+    minor = round((gpu.compute_capability - major) * 10)
+    return precision.for_cuda((major, minor), gpu.name)
+
+
+def half_precision_notes(gpu: Gpu) -> list[str]:
+    """What a GPU without bf16 changes: the dtype (same width, so the memory above holds) and
+    what a fall back to float32 would cost."""
+    chosen = compute_precision(gpu)
+    if chosen.dtype == "bfloat16":
+        return []
+    return [
+        f"dtype: {chosen.dtype} ({chosen.reason}); float16 is bf16's width, so the memory above "
+        "holds",
+        f"speed: estimated at its {gpu.half_tflops:.0f} float16 TFLOPS; if float16 overflows, "
+        "float32 needs twice the weights' memory and runs several times slower",
+    ]
 
 
 def gpu_parts(
@@ -597,7 +630,7 @@ def _seconds_per_trial(
     half = max(1, n_eval // 2)
     steps = tokens * math.ceil(half / batch)
     decode = steps * weights_gb / (gpu.bandwidth_tbps * 1000)
-    prefill = 2 * shape.params * n_eval * 128 / (gpu.bf16_tflops * 1e12)
+    prefill = 2 * shape.params * n_eval * 128 / (gpu.half_tflops * 1e12)
     return (decode + prefill) / TIME_EFFICIENCY
 
 
@@ -646,7 +679,9 @@ def with_gpu(plan: Plan, choice: str) -> Plan:
         reasons=[
             *plan.reasons,
             f"GPU: {count}x {gpu.name}, as chosen with --gpu (fits at batch {known['batch']})",
+            *half_precision_notes(gpu),
         ],
+        compute_dtype=compute_precision(gpu).dtype,
     )
 
 

@@ -84,7 +84,10 @@ def instance_status(ledger: Ledger, target: Target, provider: Provider) -> dict[
             finally:
                 session.close()
             note_state(ledger, target, snap)
+            loaded = next((w for w in snap.get("workers", []) if w.get("dtype")), {})
             data["run"].update(
+                dtype=loaded.get("dtype"),
+                dtype_reason=loaded.get("dtype_reason"),
                 state=snap["state"],
                 reason=snap.get("reason"),
                 trials=snap["trials"],

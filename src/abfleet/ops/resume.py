@@ -158,7 +158,10 @@ def _resume_here(
     say(f"continuing here in {prepared.run.path}")
     with localrun.StopFlag() as stop:
         result = run_job(
-            prepared.job, prepared.run, ConsoleReporter(), RunOptions(should_stop=stop.is_set)
+            prepared.job,
+            prepared.run,
+            ConsoleReporter(),
+            RunOptions(should_stop=stop.is_set, graceful=stop.graceful),
         )
     say(
         f"{result.state}: {result.complete}/{result.n_trials} trials"

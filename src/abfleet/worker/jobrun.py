@@ -7,6 +7,7 @@ status file.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -55,12 +56,17 @@ log = logging.getLogger(__name__)
 class Reporter(Protocol):
     def phase(self, state: str, detail: str = "") -> None: ...
 
+    def note(self, text: str) -> None: ...
+
     def trial(self, outcome: search.TrialOutcome, complete: int, total: int) -> None: ...
 
 
 class LogReporter:
     def phase(self, state: str, detail: str = "") -> None:
         log.info("phase %s %s", state, detail)
+
+    def note(self, text: str) -> None:
+        log.warning("%s", text)
 
     def trial(self, outcome: search.TrialOutcome, complete: int, total: int) -> None:
         if outcome.error:
@@ -86,6 +92,9 @@ class ConsoleReporter:
     def phase(self, state: str, detail: str = "") -> None:
         console.print(f"[bold cyan]{state:<10}[/] {detail}")
 
+    def note(self, text: str) -> None:
+        console.print(f"[yellow]note:[/] {text}")
+
     def trial(self, outcome: search.TrialOutcome, complete: int, total: int) -> None:
         if outcome.error:
             console.print(f"  trial {outcome.number:>4}  [red]failed[/]: {outcome.error}")
@@ -105,6 +114,8 @@ class RunOptions:
     resume: bool = False  # continue a study made by a different job spec
     create_study: bool = True  # False on workers of a shared study: the controller made it
     should_stop: Callable[[], bool] = lambda: False  # a signal: end after this trial, no export
+    # The search runs inside it: there, a first Ctrl+C lets the current trial finish.
+    graceful: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
     # The box's budget is spent: end after this trial, and export the best trial so far.
     out_of_budget: Callable[[], bool] = lambda: False
 
@@ -159,7 +170,7 @@ def run_job(
         return _run(job, run, reporter, opts, status)
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
-            status.update(state="stopped", reason="interrupted")
+            status.update(state="stopped", reason=str(exc) or "interrupted")
         else:
             status.update(
                 state="failed", reason=str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -230,8 +241,15 @@ def _run(
         max(spec.evaluation.max_new_tokens, spec.evaluation.long_new_tokens),
         worst_prompts=[p for group in prompts.values() for p in group],
     )
-    status.update(dtype=loaded.dtype, batch_size=batch_size, device=_device_name())
+    status.update(
+        dtype=loaded.dtype,
+        dtype_reason=loaded.dtype_reason,
+        batch_size=batch_size,
+        device=_device_name(),
+    )
     timings["load"] = time.monotonic() - started
+    if loaded.fell_back:  # the header said what was planned; this is what loaded instead
+        reporter.phase("loaded", f"as {loaded.dtype}: {loaded.dtype_reason}")
 
     _set_phase(status, reporter, "directions", f"batch size {batch_size}")
     t0 = time.monotonic()
@@ -252,6 +270,12 @@ def _run(
         spec.evaluation.max_new_tokens,
         batch_size,
     )
+    store = ablator.unedited
+    if store is not None and store.unsupported:
+        reporter.note(
+            f"trials compute every layer (the reuse of unedited layers is off: {store.unsupported})"
+        )
+        status.update(notes=[f"layer reuse off: {store.unsupported}"])
     baseline = shared_baseline(study, storage, evaluator)
     timings["directions"] = time.monotonic() - t0
 
@@ -286,16 +310,17 @@ def _run(
         trial.set_user_attr("worker", label)  # so progress shows who runs which trial
         status.update(current_trial=trial.number, current_trial_started=time.time())
 
-    trials_here = search.run_trials(
-        study,
-        storage,
-        settings.n_trials,
-        ablator.n_layers,
-        evaluate,
-        lambda: opts.should_stop() or opts.out_of_budget(),
-        on_trial,
-        on_start=on_start,
-    )
+    with opts.graceful():
+        trials_here = search.run_trials(
+            study,
+            storage,
+            settings.n_trials,
+            ablator.n_layers,
+            evaluate,
+            lambda: opts.should_stop() or opts.out_of_budget(),
+            on_trial,
+            on_start=on_start,
+        )
     status.update(current_trial=None)
     timings["search"] = time.monotonic() - t0
     trials = completed(study)
@@ -360,7 +385,12 @@ def _run(
     record = {
         "job": job.to_toml_dict(),
         "job_fingerprint": fingerprint,
-        "model": {"source": source.display, "asked": spec.model, "dtype": loaded.dtype},
+        "model": {
+            "source": source.display,
+            "asked": spec.model,
+            "dtype": loaded.dtype,
+            "dtype_reason": loaded.dtype_reason,
+        },
         "study": {
             "name": job.study_name,
             "storage": redact_url(url),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from abfleet.errors import UserError
+from abfleet.errors import Terminated, UserError
 from abfleet.job.source import resolve_source
 from abfleet.job.spec import HEAD_STORAGE, Job, bundle, check_output_dir, load_job
 from abfleet.job.storage import has_password
@@ -91,22 +91,38 @@ def cleanup_on_bad_input(prepared: LocalRun) -> Iterator[None]:
 
 
 class StopFlag:
-    """First Ctrl+C (or SIGTERM): finish the current trial, then stop. Second Ctrl+C: abort."""
+    """Signals to a run. SIGTERM ends it now (raises Terminated) from any phase. Ctrl+C during
+    the search (inside `graceful()`) finishes the current trial, then stops; a second Ctrl+C,
+    or one in any other phase (load, demo build, directions, re-score, export), ends it now."""
 
     def __init__(self, on_first: Any = None) -> None:
         self.event = threading.Event()
         self.on_first = on_first
+        self._graceful = 0
         self._previous: dict[int, Any] = {}
 
     def is_set(self) -> bool:
         return self.event.is_set()
 
+    @contextlib.contextmanager
+    def graceful(self) -> Iterator[None]:
+        """While inside, a first Ctrl+C lets the current trial finish."""
+        self._graceful += 1
+        try:
+            yield
+        finally:
+            self._graceful -= 1
+
     def _handle(self, signum: int, _frame: Any) -> None:
-        if self.event.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        first = not self.event.is_set()
         self.event.set()
-        if self.on_first is not None:
-            self.on_first(signum)
+        if signum == signal.SIGTERM:
+            raise Terminated("terminated (SIGTERM)")
+        if first and self._graceful:
+            if self.on_first is not None:
+                self.on_first(signum)
+            return
+        raise KeyboardInterrupt
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
@@ -196,8 +212,8 @@ def apply_threads(threads: int | None = None) -> None:
 
 
 def finish_secondaries(procs: list[Any], timeout: float = 600) -> None:
-    """Secondaries end by themselves once the study is complete; on a stop they are asked to
-    finish their current trial (SIGTERM), as the primary does."""
+    """Secondaries end by themselves once the study is complete; on a stop they are ended
+    (SIGTERM: the trial each was running is failed and re-queued, to be redone on resume)."""
     import signal
     import subprocess
 

@@ -108,6 +108,7 @@ def _worker(run: RunDir, index: int) -> dict[str, Any]:
         "gpu": status.get("gpu"),
         "device": status.get("device"),
         "dtype": status.get("dtype"),
+        "dtype_reason": status.get("dtype_reason"),
         "batch_size": status.get("batch_size"),
         "current_trial": status.get("current_trial"),
         "current_trial_started": status.get("current_trial_started"),
