@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -87,8 +86,17 @@ def test_sigterm_mid_search_ends_at_once_and_the_study_resumes_exactly(tmp_path,
 
     # The same command with a budget one above what was complete finishes exactly there.
     done = subprocess.run(
-        [sys.executable, "-m", "abfleet", "run", str(job), "--output", str(out)]
-        + ["--trials", str(complete + 1)],
+        [
+            sys.executable,
+            "-m",
+            "abfleet",
+            "run",
+            str(job),
+            "--output",
+            str(out),
+            "--trials",
+            str(complete + 1),
+        ],
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
