@@ -1,5 +1,6 @@
 #!/bin/bash
-# stop-workers.sh RUN SIGNAL: send SIGNAL (TERM: finish the current trial then stop; KILL: now)
+# stop-workers.sh RUN SIGNAL: send SIGNAL (TERM: the worker ends within seconds, its running trial
+# failed and re-queued for a resume; KILL: at once, the trial re-queued by its stale heartbeat)
 # to every worker of the run in folder RUN. Prints the pids it signalled.
 set -uo pipefail
 run=$1

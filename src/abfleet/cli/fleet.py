@@ -150,6 +150,9 @@ def offers_cmd(
             o.location,
         )
     console.print(table)
+    for reason in plan.reasons:  # a GPU without bf16: what it runs in, and at what speed
+        if reason.startswith(("dtype:", "speed:")):
+            console.print(f"note: {reason}")
 
 
 @click.command("launch")
