@@ -142,7 +142,7 @@ class _StepDisplay:
         self.task: Any = None
         self.interactive = progress is not None and console.is_terminal
         self.stage = ""
-        self.started = time.monotonic()
+        self.first = (0, time.monotonic())  # (step, time) the current stage started at
 
     def __enter__(self) -> _StepDisplay:
         if self.interactive:
@@ -183,11 +183,12 @@ class _StepDisplay:
                 self.progress(f"demo build: {stage}")
             self.stage = stage
             return
-        self.stage = stage
+        if self.stage != stage:  # timed from the first step on: the stages before are not steps
+            self.stage, self.first = stage, (done, time.monotonic())
         every = max(1, total // 10)
         if done == total or (done and done % every == 0):
-            elapsed = time.monotonic() - self.started
-            left = elapsed / done * (total - done) if done else 0
+            steps, since = done - self.first[0], time.monotonic() - self.first[1]
+            left = since / steps * (total - done) if steps > 0 else float("nan")
             self.progress(f"demo build: {stage} {done}/{total}, ~{left / 60:.1f} min left")
 
     def __exit__(self, *exc: object) -> None:
