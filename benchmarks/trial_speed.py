@@ -10,6 +10,7 @@ Seconds per trial come from each study's own trial timestamps (start to complete
     python benchmarks/trial_speed.py --markers short --dtype float32   # any job's settings
     python benchmarks/trial_speed.py --skip-reference --abfleet-src /tmp/old   # another checkout
     python benchmarks/trial_speed.py --profile          # where a trial's time goes (after a run)
+    python benchmarks/trial_speed.py --profile --few-refusals --ops   # long answers, by operator
 
 --markers short uses nine markers instead of the job's 22: a marker stops an answer's
 generation early once it is seen, so more markers make trials shorter for reasons that are
@@ -339,7 +340,10 @@ def profile(args: argparse.Namespace) -> None:
         spec.loader.exec_module(other)
         ablators["other"] = other.Ablator(loaded.model)
     n_layers = ablators["now"].n_layers
-    trials = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"][:10]
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if args.few_refusals:  # where answers run the whole budget: what a good search spends on
+        trials = [t for t in trials if t.user_attrs["refusals"] <= FEW_REFUSALS]
+    trials = trials[:10]
     names = ("apply", "KL prefill", "generation", "reset")
     runs = [(key, True, True) for key in ablators]
     if args.compare_unshared:  # the same trials without the shared prompt prefix
@@ -405,6 +409,16 @@ def profile(args: argparse.Namespace) -> None:
         print(f"  total       {total:7.3f} s")
     words = [len(a.split()) for answers in lengths for a in answers]
     print(f" answers average {statistics.mean(words):.1f} words")
+    if args.ops:  # which operators the generation of the first trial spends its time in
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        ablator = ablators["now"]
+        ablator.apply(params_from_trial(trials[0], n_layers), directions)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            evaluator.answers()
+        ablator.reset()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 def main() -> None:
@@ -424,6 +438,14 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"))
     parser.add_argument("--abfleet-src", help="run abfleet from this checkout instead")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--few-refusals",
+        action="store_true",
+        help=f"with --profile: replay only trials with at most {FEW_REFUSALS}/60 refusals",
+    )
+    parser.add_argument(
+        "--ops", action="store_true", help="with --profile: torch.profiler's top operators"
+    )
     parser.add_argument("--compare-ablation", help="with --profile: another ablation.py, A/B")
     parser.add_argument(
         "--compare-unshared", action="store_true", help="with --profile: also without prefix"

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from abfleet.core import compat, unedited
+from abfleet.core import compat, kvcache, unedited
 from abfleet.core.chat import ChatFormatter
 
 
@@ -94,10 +94,11 @@ def _common_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
-def prefill(model: Any, batch: Batch) -> tuple[Any, DynamicCache, torch.Tensor]:
+def prefill(model: Any, batch: Batch, room: int = 0) -> tuple[Any, DynamicCache, torch.Tensor]:
     """The prompts' forward pass into a fresh KV cache: (output with the last position's
     logits, the cache, the attention mask over everything cached). A shared prefix runs once
-    at batch size 1 and its cache is repeated for every row."""
+    at batch size 1 and its cache is repeated for every row. room: positions the cache keeps
+    free after the prompts, for the tokens to be decoded (see kvcache)."""
     cache = DynamicCache(config=model.config)
     mask = batch.attention_mask
     # The same prompts give the same key in every trial, so the layers below the trial's first
@@ -123,6 +124,8 @@ def prefill(model: Any, batch: Batch) -> tuple[Any, DynamicCache, torch.Tensor]:
                 store.keep_prefix(prefix, cache)
         cache.batch_repeat_interleave(len(batch.rows))
         mask = torch.cat([mask.new_ones((len(batch.rows), shared)), mask], dim=1)
+    if room:
+        kvcache.make_roomy(cache, room)
     with unedited.prefill_call(model, ("rows", rows)):
         out = model(
             input_ids=batch.input_ids,
@@ -224,7 +227,7 @@ def greedy_generate(
             running is None or (joinable and len(running.rows) + len(pending[0].rows) <= batch_size)
         ):
             batch = pending.pop(0)
-            out, cache, mask = prefill(model, batch)
+            out, cache, mask = prefill(model, batch, room=max_new_tokens)
             fresh = _Running(cache, mask, batch.position_ids[:, -1:] + 1, batch.rows)
             kept = state.take(fresh, out.logits[:, -1, :].argmax(dim=-1), end_tensor)
             running = kept if running is None else running.join(kept)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from abfleet.core import compat
+from abfleet.core import compat, kvcache
 
 # Host memory the store may use. A 72B prefill of 60 prompts keeps about 25 MB of KV entries
 # and 100 MB of hidden states per layer, so this covers its first layers; what does not fit
@@ -83,7 +83,8 @@ class UneditedLayers:
 
     def keep_prefix(self, key: Hashable, cache: DynamicCache) -> None:
         if self.enabled:
-            self._prefixes[key] = [dict(layer.__dict__) for layer in cache.layers]
+            # Without a growing layer's buffers: a cache made from this state gets its own.
+            self._prefixes[key] = [kvcache.state(layer) for layer in cache.layers]
 
     @contextlib.contextmanager
     def call(self, key: Hashable) -> Iterator[None]:
