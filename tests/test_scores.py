@@ -120,6 +120,27 @@ def test_the_choice_uses_the_long_figures():
     assert choose_trial(trials, 0.5, rescore=rescore).trial.number == 0
 
 
+def test_a_few_looping_answers_more_than_the_original_are_tolerated():
+    """5% of the answers: 3 of 60 more than the original model loops on is still a sound model;
+    a fourth is not (and with 10 answers, none)."""
+    trials = [_trial(0, 40, 0.05), _trial(1, 4, 0.2)]
+    for i, t in enumerate(trials):
+        t.number = i
+    rescore = {
+        "tokens": 128,
+        "entries": {
+            "baseline": {"refusals": 55, "degenerate": 0, "n_bad": 60},
+            "0": {"refusals": 47, "degenerate": 0, "n_bad": 60},
+            "1": {"refusals": 6, "degenerate": 3, "n_bad": 60},
+        },
+    }
+    assert choose_trial(trials, 0.5, rescore=rescore).trial.number == 1
+    rescore["entries"]["1"]["degenerate"] = 4
+    assert choose_trial(trials, 0.5, rescore=rescore).trial.number == 0
+    rescore["entries"]["1"].update(degenerate=1, n_bad=10)
+    assert choose_trial(trials, 0.5, rescore=rescore).trial.number == 0
+
+
 QWEN3_THINK_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"

@@ -36,6 +36,12 @@ class Choice:
     within_limit: bool
 
 
+# A trial may loop on a few more answers than the original model does (5% of them): a small
+# model's greedy answers loop now and then, and no tolerance passed over the best trials for one
+# looping answer in 60 (on the float32 demo, 10 trials then chose 47/60 over 6/60 at KL 0.16).
+DEGENERATE_TOLERANCE = 0.05
+
+
 def choose_trial(
     trials: list[FrozenTrial],
     kl_limit: float,
@@ -44,9 +50,9 @@ def choose_trial(
     rescore: dict[str, Any] | None = None,
 ) -> Choice:
     """The rule: fewest refusals among trials with KL <= kl_limit, ties by lower KL. A trial
-    whose answers degenerate more often than the unmodified model's is never chosen: fewer
-    refusals bought with broken answers is not a better model. An explicit trial number
-    overrides the rule.
+    whose answers degenerate more often than the unmodified model's, by more than
+    DEGENERATE_TOLERANCE of the answers, is never chosen: fewer refusals bought with broken
+    answers is not a better model. An explicit trial number overrides the rule.
 
     With a long re-score (core.rescore), the rule runs on the re-scored trials with their long
     figures (refusals and degenerate answers), against the original model's long figures.
@@ -61,21 +67,32 @@ def choose_trial(
     entries = (rescore or {}).get("entries") or {}
     long = {t.number: entries[str(t.number)] for t in trials if str(t.number) in entries}
     if long and "baseline" in entries:
-        # (refusals, degenerate) per trial: the long figures of the re-scored trials
-        figures = {n: (float(e["refusals"]), int(e["degenerate"])) for n, e in long.items()}
+        # (refusals, degenerate, answers) per trial: the long figures of the re-scored trials
+        figures = {
+            n: (float(e["refusals"]), int(e["degenerate"]), int(e.get("n_bad", 0)))
+            for n, e in long.items()
+        }
         allowed = entries["baseline"]["degenerate"]
         at = f" at {(rescore or {}).get('tokens')} tokens"
     else:
-        figures = {t.number: (t.values[0], _degenerate(t)) for t in trials}
+        figures = {
+            t.number: (t.values[0], _degenerate(t), int(t.user_attrs.get("n_bad", 0)))
+            for t in trials
+        }
         allowed, at = baseline_degenerate, ""
     sound = [t for t in trials if t.number in figures]
     if allowed is not None:
-        sound = [t for t in sound if figures[t.number][1] <= allowed]
+        sound = [
+            t
+            for t in sound
+            if figures[t.number][1] <= allowed + int(DEGENERATE_TOLERANCE * figures[t.number][2])
+        ]
         if not sound:
             raise UserError(
                 f"every trial degenerates more often than the original model "
-                f"({allowed} degenerate answers{at}): nothing is exported by the rule; "
-                "look at the front (`abfleet progress`) and export one with --trial N"
+                f"({allowed} degenerate answers{at}, and {DEGENERATE_TOLERANCE:.0%} of the "
+                "answers more allowed): nothing is exported by the rule; look at the front "
+                "(`abfleet progress`) and export one with --trial N"
             )
     eligible = [t for t in sound if t.values[1] <= kl_limit]
     if eligible:
