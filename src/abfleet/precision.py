@@ -99,11 +99,6 @@ def for_cuda(capability: tuple[int, int], name: str = "this GPU") -> Precision:
     return Precision("float32", f"{name} ({cc}) has no fast half precision")
 
 
-def gpu_has_bf16(capability: float | None) -> bool:
-    """For sizing: a catalog GPU's compute capability (None: assume a current GPU)."""
-    return capability is None or capability >= 8.0
-
-
 def resolve(device: str | None = None) -> Precision:
     """`auto` on this process's device: the first CUDA device unless device is "cpu"."""
     import torch

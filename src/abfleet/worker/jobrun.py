@@ -275,7 +275,6 @@ def _run(
         reporter.note(
             f"trials compute every layer (the reuse of unedited layers is off: {store.unsupported})"
         )
-        status.update(notes=[f"layer reuse off: {store.unsupported}"])
     baseline = shared_baseline(study, storage, evaluator)
     timings["directions"] = time.monotonic() - t0
 
