@@ -244,3 +244,63 @@ def test_manifest_is_sha256sum_format_with_sizes_beside_it_and_old_exports_still
     (tmp_path / manifest.SIZES).write_text(f"10  {entries[0].path}\n")  # one size lost
     with pytest.raises(AbfleetError, match=r"gives no size for sub/b b\.json"):
         manifest.read(tmp_path)
+
+
+def test_every_stream_offers_the_key_from_home_not_the_passwd_entrys(
+    box_with_model, ssh_key, model_files, tmp_path, monkeypatch
+):
+    """No key configured: paramiko and the parallel ssh streams both take $HOME/.ssh's key.
+    OpenSSH alone would look in the passwd entry's home (here /root, with no key)."""
+    import shutil
+
+    box, remote_dir = box_with_model
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    shutil.copy(ssh_key, home / ".ssh" / "id_ed25519")
+    shutil.copy(f"{ssh_key}.pub", home / ".ssh" / "id_ed25519.pub")
+    monkeypatch.setenv("HOME", str(home))
+    connect = connector(box, ssh_key)
+
+    def no_key_configured():
+        remote = connect()
+        remote.target = SshTarget(**{**remote.target.__dict__, "key_file": None})
+        return remote
+
+    result = download(no_key_configured, remote_dir, tmp_path / "got", stream_count=4)
+    assert result.method == "parallel" and result.bytes_transferred > 0
+    assert sha(tmp_path / "got" / "config.json") == sha(model_files / "config.json")
+
+
+def test_a_refused_key_is_an_auth_error_at_once_not_lost_connections(box_with_model, tmp_path):
+    from abfleet.errors import SshAuthError
+    from abfleet.ops.streams import ParallelFetch
+    from abfleet.ops.transfer import ssh_command
+    from sshbox import make_keypair
+
+    box, remote_dir = box_with_model
+    stranger = make_keypair(tmp_path / "keys", "stranger")
+    remote = SshRemote(
+        SshTarget("127.0.0.1", box.port, "root", known_hosts_file("test", "dl"), str(stranger))
+    )
+    # The host key pinned, as the download's first connection does before its streams start.
+    known = known_hosts_file("test", "dl")
+    pinned = SshRemote(SshTarget("127.0.0.1", box.port, "root", known, str(box.authorized_key)))
+    try:
+        pinned.run(["true"])
+    finally:
+        pinned.close()
+    cuts = []
+    fetch = ParallelFetch(
+        [*ssh_command(remote), "-T", "--", "root@127.0.0.1"],
+        remote_dir,
+        tmp_path / "staging",
+        manifest.read(Path(remote_dir)),
+        4,
+        lambda n: None,
+        cuts.append,
+        {},
+    )
+    started = time.monotonic()
+    with pytest.raises(SshAuthError, match="refused abfleet's SSH key"):
+        fetch.run()
+    assert time.monotonic() - started < 20 and cuts == []

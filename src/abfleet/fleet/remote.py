@@ -112,6 +112,14 @@ def default_key_files() -> list[Path]:
     return [p for p in (ssh / "id_ed25519", ssh / "id_ecdsa", ssh / "id_rsa") if p.is_file()]
 
 
+def identity_files(target: SshTarget) -> list[str]:
+    """The private keys every connection offers, the same for paramiko, rsync's ssh and the
+    parallel streams: the configured key, else the default keys under $HOME/.ssh (whose
+    public halves `public_keys` hands to the box). OpenSSH on its own would read the passwd
+    entry's home instead, which differs under sudo, in containers and in CI."""
+    return [target.key_file] if target.key_file else [str(p) for p in default_key_files()]
+
+
 def public_keys() -> list[str]:
     """The public halves of the keys abfleet logs in with: the configured key (its .pub, or
     derived from it), else the default key files, else the agent's keys. A rented box is given
@@ -141,7 +149,7 @@ class SshRemote:
 
         self.target = target
         self.label = target.label
-        keys = [target.key_file] if target.key_file else [str(p) for p in default_key_files()]
+        keys = identity_files(target)
         self._keys = [k for k in keys if k]
         config = Config(overrides={"load_ssh_configs": False})
         self.conn = Connection(

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from abfleet.errors import AbfleetError
+from abfleet.errors import AbfleetError, SshAuthError
 from abfleet.job import manifest
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,9 @@ class Ramp:
         return min(running, self.most - running)
 
 
+AUTH_REFUSED = "Permission denied"  # OpenSSH's words when no key is accepted
+
+
 class Cut(Exception):
     """The stream's connection went away (or its process did)."""
 
@@ -360,6 +363,12 @@ class ParallelFetch:
                 except Cut as exc:
                     why = _stop(proc) or str(exc)
                     proc = None
+                    if AUTH_REFUSED in why:
+                        # No reconnect fixes a key the box does not accept: say so, once.
+                        raise SshAuthError(
+                            f"the box refused abfleet's SSH key for a download stream ({why}); "
+                            "`abfleet attach-key ID` gives it your key"
+                        ) from None
                     self._give_back(list(inflight))
                     inflight.clear()
                     if self.halt.is_set():

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from abfleet.errors import AbfleetError, RemoteError
-from abfleet.fleet.remote import LocalRemote, Remote, SshRemote
+from abfleet.errors import AbfleetError, RemoteError, SshAuthError
+from abfleet.fleet.remote import LocalRemote, Remote, SshRemote, identity_files
 from abfleet.job import manifest
 from abfleet.ops import streams
 
@@ -195,6 +195,9 @@ class Downloader:
             try:
                 fetch = {"parallel": self._parallel, "rsync": self._rsync}.get(method, self._sftp)
                 transferred += fetch(remote, todo, base)
+            except SshAuthError:
+                remote.close()
+                raise  # a refused key is not a lost connection: no retry helps
             except (RemoteError, OSError, EOFError, _Interrupted) as exc:
                 transferred += getattr(exc, "transferred", 0)
                 log.warning("download interrupted (%s); resuming", exc)
@@ -525,8 +528,11 @@ def ssh_command(remote: SshRemote) -> list[str]:
         "KexAlgorithms=curve25519-sha256,curve25519-sha256@libssh.org,ecdh-sha2-nistp256,"
         "diffie-hellman-group-exchange-sha256,diffie-hellman-group14-sha256",
     ]
-    if t.key_file:
-        cmd += ["-i", t.key_file, "-o", "IdentitiesOnly=yes"]
+    keys = identity_files(t)
+    for key in keys:
+        cmd += ["-i", key]
+    if keys:
+        cmd += ["-o", "IdentitiesOnly=yes"]
     return cmd
 
 
