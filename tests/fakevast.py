@@ -9,11 +9,16 @@ next_token), GET /api/v0/instances/{id}/?owner=me -> {"instances": {...}}, PUT/D
 the old list endpoint answers 410, destroying a missing instance answers no_such_instance.
 
 Instances move through created -> loading -> running over time; when one runs, a real SSH server
-on 127.0.0.1 (tests/sshbox.py) becomes its box. Faults can be injected per endpoint.
+on 127.0.0.1 (tests/sshbox.py) becomes its box, and the instance's onstart command runs in it,
+as on Vast on every container start (first boot, start after a stop, reboot). A stop or a
+reboot kills every process of the box; its disk stays. Faults can be injected per endpoint.
+`cancel_unavail` on a create makes an unschedulable create an error instead of a stopped
+instance.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -119,11 +124,14 @@ class FakeVast:
         # The next N creates make the instance but cannot start it: Vast answers
         # {"success": false, "new_contract": N, ...} and the instance stays, stopped, billing.
         self.start_failures = 0
+        self.ignore_cancel_unavail = False  # as a Vast that makes a stopped instance anyway
         # As on Vast: a box accepts only SSH keys on the account when it was created, or
         # attached to it through the API (the test key handed to boxes otherwise is not used).
         self.api_keys_only = False
         self.account_keys: list[str] = []
         self.scoped_calls: list[tuple[str, str, Any]] = []  # made with an instance's own key
+        # The provider's own meter: (at, instance id, "running" | "stopped" | "destroyed").
+        self.billing: list[tuple[float, int, str]] = []
         self.lock = threading.RLock()
         self._next_id = 5_000_000
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -160,6 +168,37 @@ class FakeVast:
     def price(offer: dict[str, Any], storage_gb: float) -> float:
         """$/h of an offer with storage_gb of disk: the base plus the disk's share of storage."""
         return offer["dph_base"] + offer["storage_cost"] * storage_gb / HOURS_PER_MONTH
+
+    def gpu_seconds_after(self, iid: int, since: float) -> float:
+        """Seconds the instance billed its full (GPU) rate after `since`, by the meter above."""
+        events = sorted(e for e in self.billing if e[1] == iid)
+        total, running_from = 0.0, None
+        for at, _, state in [*events, (time.time(), iid, "now")]:
+            if running_from is not None:
+                total += max(0.0, at - max(running_from, since))
+            running_from = at if state == "running" else None
+        return total
+
+    def advance(self) -> None:
+        """Move every instance along its states, as any API read does (a reboot needs one)."""
+        with self.lock:
+            for inst in list(self.instances.values()):
+                self._advance(inst)
+
+    def gpu_billing(self, iid: int) -> bool:
+        """Whether the instance bills its full rate now."""
+        events = [e for e in self.billing if e[1] == iid]
+        return bool(events) and events[-1][2] == "running"
+
+    def restart(self, iid: int) -> None:
+        """The container restarts (a host reboot, Vast's reboot, an interruptible box coming
+        back): every process on the box dies at once, its disk stays, and it boots again."""
+        with self.lock:
+            inst = self.instances[iid]
+            box = self.boxes.pop(iid, None)
+            if box is not None:
+                box.halt()
+            inst.update(actual_status=None, status_msg="rebooting", _created=time.time())
 
     def scoped(self, auth: str | None, method: str, path: str) -> bool:
         """An instance's own key (CONTAINER_API_KEY) may read, stop, start or destroy that
@@ -208,6 +247,8 @@ class FakeVast:
             self.boxes[inst["id"]] = box
             port = box.port
             self._authorize(inst)
+            if inst.get("onstart"):
+                box.run_onstart(inst["onstart"])
         inst.update(
             actual_status="running",
             status_msg="success, running",
@@ -245,7 +286,9 @@ class FakeVast:
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
                 self.end_headers()
-                self.wfile.write(data)
+                # A box that stopped itself took its caller down with it: nobody reads this.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(data)
 
             def _handle(self, method: str) -> None:
                 parts = urlsplit(self.path)
@@ -318,6 +361,7 @@ class FakeVast:
                     "msg": f"Instance {iid} not found.",
                 }
             if method == "DELETE":
+                self.billing.append((time.time(), iid, "destroyed"))
                 self.instances.pop(iid)
                 box = self.boxes.pop(iid, None)
                 if box is not None:
@@ -325,6 +369,13 @@ class FakeVast:
                 return 200, {"success": True}
             if method == "PUT":
                 return self._change(inst, body or {})
+        m = re.fullmatch(r"/api/v0/instances/reboot/(\d+)/", path)
+        if m and method == "PUT":
+            inst = self.instances.get(int(m[1]))
+            if inst is None:
+                return 404, {"success": False, "error": "no_such_instance"}
+            self.restart(inst["id"])
+            return 200, {"success": True}
         m = re.fullmatch(r"/api/v0/instances/(\d+)/ssh/", path)
         if m and method == "POST":
             inst = self.instances.get(int(m[1]))
@@ -372,6 +423,13 @@ class FakeVast:
         self.boot_failures -= int(fail)
         stopped = self.start_failures > 0
         self.start_failures -= int(stopped)
+        if stopped and body.get("cancel_unavail") and not self.ignore_cancel_unavail:
+            offer["rented"], offer["rentable"] = False, True
+            return 200, {
+                "success": False,
+                "error": "resources_unavailable",
+                "msg": "Required resources are unavailable; the instance was not created.",
+            }
         self.instances[iid] = {
             "id": iid,
             "machine_id": offer["machine_id"],
@@ -408,6 +466,7 @@ class FakeVast:
             "_keys": list(self.account_keys),
             "_api_key": f"instance-secret-{iid}",
         }
+        self.billing.append((time.time(), iid, "stopped" if stopped else "running"))
         # The real answer carries the instance's own API key: it must never be shown.
         answer = {"new_contract": iid, "instance_api_key": self.instances[iid]["_api_key"]}
         if stopped:
@@ -438,11 +497,13 @@ class FakeVast:
         if "label" in body:
             inst["label"] = body["label"]
         if body.get("state") == "stopped":
+            self.billing.append((time.time(), inst["id"], "stopped"))
             inst.update(intended_status="stopped", actual_status="stopped", cur_state="stopped")
             box = self.boxes.pop(inst["id"], None)
             if box is not None:
-                box.close()  # stopping kills every process on the box at once
+                box.halt()  # stopping kills every process on the box at once; its disk stays
         elif body.get("state") == "running":
+            self.billing.append((time.time(), inst["id"], "running"))
             inst.update(
                 intended_status="running",
                 actual_status=None,

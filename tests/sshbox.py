@@ -116,14 +116,43 @@ SetEnv ABFLEET_REMOTE_ROOT={self.root} ABFLEET_PYTHON={python} PATH={path} HOME=
         self.proc.wait(timeout=10)
         self.proc = None
 
+    def container_env(self) -> dict[str, str]:
+        """The container's environment, as its onstart command gets it."""
+        path = os.pathsep.join(
+            [str(Path(self.python).parent), "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin"]
+        )
+        return {
+            "ABFLEET_REMOTE_ROOT": str(self.root),
+            "ABFLEET_PYTHON": self.python,
+            "PATH": path,
+            "HOME": str(self.directory / "home"),
+            **self.env,
+        }
+
+    def run_onstart(self, script: str) -> None:
+        """Run the instance's onstart command in the box, as Vast does on each container start."""
+        with open(self.directory / "onstart.log", "ab") as log:
+            subprocess.run(
+                ["bash", "-c", script],
+                env=self.container_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                timeout=120,
+                check=False,
+            )
+
     def stop_workers(self) -> None:
-        """Kill worker processes this box started (their pid files are in its workspace)."""
-        for pidfile in self.root.rglob("worker-*.pid"):
-            with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
+        """Kill every process the box started: its workers and its guardian (by their pid
+        files in its workspace), as a stopped container loses them."""
+        # The guardian first: it would start the workers again.
+        for pidfile in [self.root / "guardian.pid", *self.root.rglob("worker-*.pid")]:
+            with contextlib.suppress(ValueError, OSError, ProcessLookupError, PermissionError):
                 os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
 
-    def stop_postgres(self) -> None:
-        """A head Postgres (infra/postgres-head.sh) outlives its SSH session: stop it too."""
+    def stop_postgres(self, keep_data: bool = False) -> None:
+        """A head Postgres (infra/postgres-head.sh) outlives its SSH session: stop it too, and
+        remove its data unless the box's disk stays (a stopped or rebooted instance)."""
         import glob
         import hashlib
 
@@ -150,9 +179,17 @@ SetEnv ABFLEET_REMOTE_ROOT={self.root} ABFLEET_PYTHON={python} PATH={path} HOME=
                     capture_output=True,
                     check=False,
                 )
-                shutil.rmtree(data.parent, ignore_errors=True)
+                if not keep_data:
+                    shutil.rmtree(data.parent, ignore_errors=True)
+
+    def halt(self) -> None:
+        """The container stops (its disk stays): every process dies, the Postgres with it."""
+        self.stop_workers()
+        self.stop_postgres(keep_data=True)
+        self.kill()
 
     def close(self) -> None:
+        """The box is gone (destroyed, or the test is over): its Postgres data too."""
         self.stop_workers()
         self.stop_postgres()
         self.kill()

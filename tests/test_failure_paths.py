@@ -85,9 +85,25 @@ def test_a_box_that_refuses_our_key_is_destroyed_and_the_hint_names_the_instance
     assert f"instance {record.instance_id} that this command created was destroyed" in err
 
 
+def test_an_unschedulable_create_is_an_error_with_cancel_unavail_and_nothing_bills(
+    fake_vast, boxes, tiny_job
+):
+    fake_vast.start_failures = 1
+    proc = abfleet("launch", str(tiny_job), "--yes")
+    assert proc.returncode == 1
+    assert [b["cancel_unavail"] for b in fake_vast.calls("PUT", r"/api/v0/asks/")] == [True]
+    assert fake_vast.instances == {}
+    err = " ".join(proc.stderr.split())
+    assert "could not start an instance from offer" in err and "nothing bills" in err
+    [record] = Ledger().instances(include_destroyed=True)
+    assert record.state == "create-failed"
+    assert abfleet("list", "--json").stdout.strip() == "[]"
+
+
 def test_a_create_answered_success_false_with_an_id_is_destroyed_and_its_key_never_shown(
     fake_vast, boxes, tiny_job
 ):
+    fake_vast.ignore_cancel_unavail = True  # made stopped all the same: it bills its disk
     fake_vast.start_failures = 1
     proc = abfleet("launch", str(tiny_job), "--yes")
     assert proc.returncode == 1
@@ -103,6 +119,7 @@ def test_a_create_answered_success_false_with_an_id_is_destroyed_and_its_key_nev
 
 
 def test_a_kept_success_false_instance_can_be_destroyed_by_its_id(fake_vast, boxes, tiny_job):
+    fake_vast.ignore_cancel_unavail = True
     fake_vast.start_failures = 1
     proc = abfleet("launch", str(tiny_job), "--yes", "--keep-on-failure")
     assert proc.returncode == 1

@@ -202,6 +202,8 @@ class VastProvider:
                 onstart_cmd=spec.onstart or None,
                 ssh=True,
                 direct=True,
+                # An unschedulable create is an error, not a stopped instance billing its disk.
+                cancel_unavail=True,
             )
 
         iid = self._create(offer, spec, call)
@@ -247,6 +249,16 @@ class VastProvider:
                 raise CreateFailed(
                     f"{exc}; no instance labelled {spec.label} exists, so nothing bills"
                 ) from exc
+        if (
+            isinstance(answer, dict)
+            and answer.get("success") is False
+            and not answer.get("new_contract")
+        ):
+            reason = answer.get("msg") or answer.get("error") or "no reason given"
+            raise CreateFailed(
+                f"Vast.ai could not start an instance from offer {offer.id} ({reason}); "
+                "nothing was created, so nothing bills"
+            )
         if not isinstance(answer, dict) or "new_contract" not in answer:
             raise ProviderError(
                 f"Vast.ai answered the create of offer {offer.id} without an instance id: "
