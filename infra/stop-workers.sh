@@ -5,6 +5,8 @@
 set -uo pipefail
 run=$1
 signal=$2
+# The box's guardian restarts a worker that dies unfinished; not one the user stopped.
+touch "$run/.stopped-by-user"
 for pidfile in "$run"/worker-*.pid; do
   [ -f "$pidfile" ] || continue
   pid=$(cat "$pidfile")

@@ -229,7 +229,24 @@ def boxes(tmp_path, ssh_key):
         box.close()
 
 
-def write_config(config_dir: Path, ssh_key: Path, vast_url: str = "", **ssh: object) -> None:
+FAST_GUARDIAN = {
+    "poll_s": 0.5,
+    "hang_s": 120,
+    "lease_s": 15,
+    "budget_window_s": 30,
+    "retry_first_s": 0.5,
+    "retry_max_s": 2,
+    "peers_wait_s": 60,
+}
+
+
+def write_config(
+    config_dir: Path,
+    ssh_key: Path,
+    vast_url: str = "",
+    guard: dict[str, float] | None = None,
+    **ssh: object,
+) -> None:
     from abfleet.settings import _load
 
     config_dir.mkdir(parents=True, exist_ok=True)
@@ -237,8 +254,11 @@ def write_config(config_dir: Path, ssh_key: Path, vast_url: str = "", **ssh: obj
         f"{k} = {_toml(v)}" for k, v in {"key": str(ssh_key), "connect_timeout_s": 5, **ssh}.items()
     )
     vast = f'server_url = "{vast_url}"\n' if vast_url else ""
+    # The boxes' guardians look twice a second and retry within seconds: tests see them act.
+    guardian = "\n".join(f"{k} = {v}" for k, v in {**FAST_GUARDIAN, **(guard or {})}.items())
     (config_dir / "config.toml").write_text(
-        f"[vast]\n{vast}boot_timeout_s = 60\npoll_s = 0.2\n\n[ssh]\n{ssh_lines}\n"
+        f"[vast]\n{vast}boot_timeout_s = 60\npoll_s = 0.2\n\n[ssh]\n{ssh_lines}\n\n"
+        f"[guardian]\n{guardian}\n"
     )
     _load.cache_clear()
 

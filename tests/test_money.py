@@ -159,7 +159,7 @@ def test_a_budget_ends_the_search_exports_the_best_trial_and_stops_the_box(
     # Up front: a budget below the estimate rents nothing.
     job = write_job(tmp_path / "job", str(tiny_model_dir), n_trials=5000)
     refused = abfleet("launch", str(job), "--yes", "--budget", "0.0001")
-    assert refused.returncode != 0 and "is over --budget 0.00 $" in refused.stderr
+    assert refused.returncode != 0 and "is over --budget 0.0001 $" in refused.stderr
     assert "nothing was rented" in refused.stderr and not fake_vast.instances
 
     # On the box: a search far too long for its budget (on a box created by hand, so no

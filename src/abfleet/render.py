@@ -166,3 +166,50 @@ def box_plan_line(box: dict[str, Any], now: float | None = None) -> str:
         f"{box.get('why') or 'work over'}: the box {box['action']}s itself at {when} "
         f"(in {fmt_duration(left, live=True)}); `abfleet download` first if you want the model"
     )
+
+
+def box_lines(box: dict[str, Any] | None, now: float | None = None) -> list[tuple[str, str]]:
+    """The box guardian's plan or trouble, as (text, style) lines for status, progress, watch."""
+    import time
+
+    if not box:
+        return []
+    now = now or time.time()
+    iid = box.get("instance_id") or "ID"
+    guard = box.get("guardian")
+    lines: list[tuple[str, str]] = []
+    if box.get("error"):
+        since = time.strftime("%H:%M", time.localtime(box.get("failing_since") or now))
+        retry = max(0.0, (box.get("next_try_at") or now) - now)
+        lines.append(
+            (
+                f"{box.get('why') or 'work over'}, self-{box.get('action') or 'stop'} failing "
+                f"since {since}: {box['error']} (attempt {box.get('attempts')}, next in "
+                f"{fmt_duration(retry, live=True)}); it bills its full rate until then: "
+                f"`abfleet stop {iid}` (or `abfleet destroy {iid}`) ends it from here",
+                "red",
+            )
+        )
+    elif box.get("action") and box.get("acts_at"):
+        lines.append((box_plan_line(box, now), ""))
+    elif guard and guard.get("phase") in ("kept", "waiting") and guard.get("detail"):
+        lines.append((f"box: {guard['detail']}", "yellow"))
+    if box.get("budget_reached"):
+        lines.append(("budget reached: the workers end and export the best trial so far", "yellow"))
+    if guard is None:
+        lines.append(
+            (
+                "no guardian has run on this box (set up by an older abfleet?): it will not stop "
+                f"itself; `abfleet stop {iid}` when its work is over",
+                "red",
+            )
+        )
+    elif not guard.get("alive") and guard.get("phase") != "done":
+        lines.append(
+            (
+                f"the box's guardian is not running: it will not stop itself; `abfleet stop {iid}` "
+                "when its work is over",
+                "red",
+            )
+        )
+    return lines

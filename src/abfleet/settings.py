@@ -57,10 +57,23 @@ class SizingSettings(_Section):
     cuda_context_gb: float
 
 
+class GuardianSettings(_Section):
+    """The box guardian's timings (see worker/guardian.py), sent to each box with its terms."""
+
+    poll_s: float = Field(gt=0)
+    hang_s: float = Field(gt=0)
+    lease_s: float = Field(gt=0)
+    budget_window_s: float = Field(ge=0)
+    retry_first_s: float = Field(gt=0)
+    retry_max_s: float = Field(gt=0)
+    peers_wait_s: float = Field(ge=0)
+
+
 class Settings(_Section):
     vast: VastSettings
     ssh: SshSettings
     sizing: SizingSettings
+    guardian: GuardianSettings
 
 
 def user_config_file() -> Path:

@@ -92,13 +92,15 @@ def billing_options(func: Any) -> Any:
                 "--then-destroy",
                 "then_destroy",
                 is_flag=True,
-                help="Destroy the box, not just stop it, once its model is downloaded and verified.",
+                help="Destroy the boxes, not just stop them, once the model is delivered "
+                "(downloaded and verified, or pushed and verified).",
             ),
             click.option(
                 "--budget",
                 type=float,
-                help="Most dollars this run may spend: refused up front if the estimate is "
-                "higher; on the box, the search ends, the best trial is exported and the box stops.",
+                help="Most dollars this run may spend, counted from this command: refused up "
+                "front if the estimate is higher; on the box, the search ends, the best trial is "
+                "exported and the box stops, grace period or not.",
             ),
         )
     ):
@@ -265,7 +267,7 @@ def create_cmd(
 ) -> None:
     """Rent (or register) a box sized for MODEL and wait until SSH answers."""
     setup_logging(ctx.obj.get("verbose", False))
-    prepared = prepare(job_arg, {"model": model}, gpu)
+    prepared = prepare(job_arg, {"model": model}, gpu, say=say)
     render_sizing(prepared.sizing, False)
     prov = get_provider(provider, host)
     ledger = Ledger()
@@ -330,7 +332,7 @@ def submit_cmd(
     ledger = Ledger()
     record = resolve_instance(ledger, instance, choose_fn())
     prepared = prepare(
-        job, pop_job_flags(kwargs), billing=billing_from(stop_after, then_destroy, budget)
+        job, pop_job_flags(kwargs), billing=billing_from(stop_after, then_destroy, budget), say=say
     )
     if not record.remote_root:
         raise UserError(

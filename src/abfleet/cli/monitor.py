@@ -15,10 +15,10 @@ from abfleet.console import console, err_console, is_interactive, setup_logging,
 from abfleet.errors import AbfleetError, Declined
 from abfleet.fleet.instances import resolve_instance
 from abfleet.fleet.ledger import Ledger
-from abfleet.ops.actions import note_state
+from abfleet.ops.actions import box_trouble, note_state
 from abfleet.ops.monitor import RunView, Session, Target, pick_run, require_run
 from abfleet.ops.streams import DEFAULT_STREAMS
-from abfleet.render import box_plan_line, fmt_duration, fmt_refusals, fmt_usd, pareto_table
+from abfleet.render import box_lines, fmt_duration, fmt_refusals, fmt_usd, pareto_table
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 run_option = click.option(
@@ -81,11 +81,8 @@ def status_cmd(instance: str | None, run_name: str | None, as_json: bool) -> Non
             )
         if r.get("budget_usd"):
             console.print(f"  budget {fmt_usd(r['budget_usd'])}")
-        box = r.get("box") or {}
-        if box.get("action") and box.get("acts_at"):
-            console.print(f"  {box_plan_line(box)}")
-        if box.get("error"):
-            console.print(f"  [red]the box {box['error']}[/]")
+        for text, style in box_lines(r.get("box")):
+            console.print(f"  {text}", style=style or None, markup=False)
         if r.get("hint"):
             console.print(f"  {r['hint']}")
         push = r.get("push") or {}
@@ -100,6 +97,8 @@ def status_cmd(instance: str | None, run_name: str | None, as_json: bool) -> Non
             from abfleet.cli.run import dashboard_command
 
             console.print(f"  study backup: {dashboard_command('sqlite:///' + r['local_study'])}")
+        if box_trouble(r.get("box")):
+            raise SystemExit(1)  # a box that may bill on unseen is not a healthy status
 
 
 @click.command("progress")
@@ -140,9 +139,8 @@ def progress_cmd(
     base = snap.get("baseline")
     if base:
         console.print(f"before: refusals {fmt_refusals(base['refusals'], base['n_bad'])}")
-    box = snap.get("box") or {}
-    if box.get("action") and box.get("acts_at"):
-        console.print(box_plan_line(box))
+    for text, style in box_lines(snap.get("box")):
+        console.print(text, style=style or None, markup=False)
     console.print(pareto_table(snap.get("pareto", [])))
     if len(snap.get("workers", [])) > 1:
         from abfleet.ops.dashboard import workers_table
@@ -280,20 +278,30 @@ def download_cmd(
         TransferSpeedColumn,
     )
 
-    from abfleet.ops.actions import fetch_model
+    from abfleet.ops.delivery import deliver
 
     setup_logging(ctx.obj.get("verbose", False))
     ledger = Ledger()
     target = _target(ledger, instance, run_name)
     run = require_run(target)
     dest = (to_dir or Path("runs") / run.name / "model").resolve()
+    destroy = then_destroy or run.then_destroy
+    if run.then_destroy and not then_destroy:
+        console.print("once verified, every box of the run is destroyed, as chosen at launch")
+
+    def confirm_destroy(box: Target) -> None:
+        # A box chosen for destroy at launch needs no typed id; one asked for now does.
+        _guarded_destroy_check(ledger, box, yes or run.then_destroy)
+
     columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("download", total=None)
-        result, woke = fetch_model(
+        got = deliver(
             ledger,
             target,
             dest,
+            destroy,
+            confirm_destroy,
             warn,
             say,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
@@ -303,21 +311,17 @@ def download_cmd(
                 f"[yellow]connection lost ({why}); resuming[/]"
             ),
         )
+    result = got.result
     console.print(
         f"[bold green]verified[/] {result.files} files, {result.bytes_total / 1e9:.2f} GB in {dest} "
         f"({result.method}{f', {result.streams} streams' if result.streams > 1 else ''}, "
         f"{result.bytes_transferred / 1e6:.1f} MB transferred, {result.seconds:.1f} s)"
     )
-    if then_destroy or run.then_destroy:
-        if run.then_destroy and not then_destroy:
-            console.print("destroying the box, as chosen at launch (--then-destroy)")
-        _destroy(
-            ledger, target.instance.instance_id, run.name, yes or run.then_destroy, force=False
-        )
-    elif woke:
-        from abfleet.ops.actions import stop_again
-
-        console.print(stop_again(ledger, target.instance, _provider_for(target.instance)))
+    for iid in got.destroyed:
+        console.print(f"[bold]destroyed instance {iid}[/]")
+    if got.destroyed:
+        for note in got.notes:
+            console.print(note)
 
 
 @click.command("resume")
@@ -335,6 +339,11 @@ def download_cmd(
     is_flag=True,
     help="If a step after the create fails, keep the new instance instead of destroying it.",
 )
+@click.option(
+    "--budget",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Most $ this resumed run may cost, counted from now (the first run's does not carry over).",
+)
 @click.pass_context
 def resume_cmd(
     ctx: click.Context,
@@ -346,6 +355,7 @@ def resume_cmd(
     yes: bool,
     max_price: float | None,
     keep_on_failure: bool,
+    budget: float | None,
 ) -> None:
     """Continue RUN from its local study backup: on a new box, or here with --here."""
     from abfleet.ops.resume import resume
@@ -363,6 +373,7 @@ def resume_cmd(
         confirm_fn(),
         say,
         keep_on_failure,
+        budget or 0.0,
     )
 
 
@@ -376,21 +387,27 @@ def _ask_typed() -> Any:
     return lambda question: click.prompt(question, default="", show_default=False)
 
 
-def _destroy(
-    ledger: Ledger, instance: str | None, run_name: str | None, yes: bool, force: bool
-) -> None:
-    from abfleet.ops.actions import destroy_instance
+def _guarded_destroy_check(ledger: Ledger, target: Target, yes: bool, force: bool = False) -> Any:
+    """Show exactly what would be destroyed, refuse what would lose work, ask for the id."""
     from abfleet.ops.guard import assess, check_destroy, confirm_typed
 
-    target = _target(ledger, instance, run_name)
     provider = _provider_for(target.instance)
     a = assess(ledger, target, provider)
     console.print("[bold]destroy[/] (deletes the box and everything on it; billing stops):")
     for line in a.lines:
         console.print(f"  {line}")
     check_destroy(a, force)
-    iid = target.instance.instance_id or ""
-    confirm_typed(iid, "destroy", yes, _ask_typed())
+    confirm_typed(target.instance.instance_id or "", "destroy", yes, _ask_typed())
+    return provider
+
+
+def _destroy(
+    ledger: Ledger, instance: str | None, run_name: str | None, yes: bool, force: bool
+) -> None:
+    from abfleet.ops.actions import destroy_instance
+
+    target = _target(ledger, instance, run_name)
+    provider = _guarded_destroy_check(ledger, target, yes, force)
     console.print(f"[bold]{destroy_instance(ledger, target, provider, warn)}[/]")
 
 

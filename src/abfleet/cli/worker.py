@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -43,18 +44,13 @@ def worker() -> None:
 @click.option("--secondary", is_flag=True, help="Run trials only; the primary worker exports.")
 @click.option("--resume", is_flag=True, help="Continue a study made by a different job spec.")
 @click.option("--no-create", is_flag=True, help="Load the study only (the controller created it).")
-@click.option(
-    "--box-lead",
-    is_flag=True,
-    help="This worker stops the box once every worker on it is done (see the box terms).",
-)
-def worker_run(
-    run_dir: Path, index: int, secondary: bool, resume: bool, no_create: bool, box_lead: bool
-) -> None:
-    """Run the job in RUN_DIR/job.toml until the study is complete."""
+def worker_run(run_dir: Path, index: int, secondary: bool, resume: bool, no_create: bool) -> None:
+    """Run the job in RUN_DIR/job.toml until the study is complete.
+
+    The box's guardian (`abfleet worker guard`), not this process, ends the box's bill."""
+    from abfleet.worker.guardian import budget_reached, metered_spend
     from abfleet.worker.jobrun import LogReporter, RunOptions, run_job
-    from abfleet.worker.rundir import StatusWriter
-    from abfleet.worker.selfstop import BoxTerms, finish_box
+    from abfleet.worker.selfstop import BoxTerms
 
     run = RunDir(run_dir.resolve())
     setup_logging(verbose=False, log_file=str(run.log_file(index)))
@@ -65,28 +61,33 @@ def worker_run(
     options = RunOptions(
         worker_index=index, primary=not secondary, resume=resume, create_study=not no_create
     )
-    if terms is not None:
-        options.out_of_budget = terms.over_budget
-    code = 1
+    if terms is not None and terms.budget_usd > 0:
+        # The guardian's mark, or the meter it keeps (the same figure, read between trials).
+        options.out_of_budget = lambda: (
+            budget_reached(run) or (metered_spend(run, terms) >= terms.budget_usd)
+        )
     with localrun.StopFlag() as stop:
         options.should_stop = stop.is_set
         options.graceful = stop.graceful
-        try:
-            result = run_job(job, run, LogReporter(), options)
-            code = 0 if result.state == "done" else 130
-        finally:
-            # Done, failed or out of budget, the box must not bill on unseen; a signal (the
-            # user at work on the box) leaves it as it is.
-            if box_lead and terms is not None and not stop.is_set():
-                finish_box(
-                    run,
-                    terms,
-                    StatusWriter.reopen(run, index),
-                    index,
-                    terms.over_budget(),
-                    stop.is_set,
-                )
-    sys.exit(code)
+        result = run_job(job, run, LogReporter(), options)
+    sys.exit(0 if result.state == "done" else 130)
+
+
+@worker.command("guard")
+@click.option("--root", required=True, type=click.Path(file_okay=False, path_type=Path))
+def worker_guard(root: Path) -> None:
+    """Watch every run on this box and end its bill when the work is over (one per box)."""
+    from abfleet.worker.guardian import Guardian, only_one
+
+    root = root.resolve()
+    setup_logging(verbose=False, log_file=str(root / "guardian.log"))
+    with only_one(root) as mine:
+        if not mine:
+            click.echo("a guardian already watches this box")
+            return
+        (root / "guardian.pid").write_text(f"{os.getpid()}\n")
+        with localrun.StopFlag() as stop, contextlib.suppress(KeyboardInterrupt):
+            Guardian(root).run_forever(stop.is_set)
 
 
 @worker.command("backup")

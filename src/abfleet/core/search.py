@@ -260,6 +260,7 @@ def run_trials(
     on_trial: Callable[[TrialOutcome], None] | None = None,
     on_start: Callable[[optuna.Trial], None] | None = None,
     poll_seconds: float = 2.0,
+    on_wait: Callable[[], None] | None = None,
 ) -> int:
     """Run trials until n_trials are complete in the study (by any worker) or asked to stop.
 
@@ -282,6 +283,8 @@ def run_trials(
             trial = study.ask() if waiting or complete + running < n_trials else None
         if trial is None:
             # The rest of the budget is being run by other workers: wait in case one dies.
+            if on_wait is not None:
+                on_wait()
             time.sleep(poll_seconds)
             continue
         if on_start is not None:

@@ -17,6 +17,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from abfleet import __version__
 from abfleet.buildinfo import version_string
@@ -246,10 +247,45 @@ def write_env(box: Box, run_dir: str, env: dict[str, str]) -> None:
     box.remote.write_text(f"{run_dir}/.env", env_file_text(env), mode=0o600)
 
 
-def secret_env() -> dict[str, str]:
-    """Only what a worker needs: the Hugging Face token for gated models. Never the Vast key."""
+def hub_token_reason(job: Any, exports: bool) -> str | None:
+    """Why a box of this job needs the Hugging Face token, or None: a push (from the box that
+    exports), or a model or judge from the Hub that is gated (or whose gating cannot be read
+    from here: better a token on the box than a run that fails to load)."""
+    from abfleet.job.source import judge_source, resolve_source
+
+    if not (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")):
+        return None
+    if exports and job.spec.output.push_to_hub:
+        return f"the push to {job.spec.output.push_to_hub}"
+    for what, source in (
+        ("the model", resolve_source(job.spec.model)),
+        ("the judge", judge_source(job.spec.evaluation.judge)),
+    ):
+        if source is None or source.kind != "hub":
+            continue
+        gated = _gated(source.location)
+        if gated is None:
+            return f"{what} {source.location} (whether it is gated cannot be read from here)"
+        if gated:
+            return f"{what} {source.location} is gated"
+    return None
+
+
+def _gated(repo: str) -> bool | None:
+    """Whether a Hub model is gated (None: unknown), asked without the token."""
+    try:
+        from huggingface_hub import model_info
+
+        return bool(model_info(repo, token=False).gated)
+    except Exception:  # noqa: BLE001 - offline, rate-limited, private: unknown
+        return None
+
+
+def secret_env(reason: str | None) -> dict[str, str]:
+    """Only what a worker needs: the Hugging Face token when `reason` says why (the guardian
+    removes it from the box once the run is over). Never the Vast key."""
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    return {"HF_TOKEN": token} if token else {}
+    return {"HF_TOKEN": token} if token and reason else {}
 
 
 def start_worker(

@@ -49,7 +49,8 @@ def inventory(ledger: Ledger, include_destroyed: bool = False) -> Inventory:
     records = ledger.instances(include_destroyed)
     runs = {}
     for run in ledger.runs():
-        runs[(run.provider, run.instance_id)] = run
+        for iid in run.instances:  # each box of a run (the newest run on a reused box)
+            runs[(run.provider, iid)] = run
     rows = []
     known = set()
     for rec in records:
@@ -62,6 +63,13 @@ def inventory(ledger: Ledger, include_destroyed: bool = False) -> Inventory:
         )
         if rec.provider in RENTED and rec.provider not in blind:
             observe(ledger, rec, inst)
+            run = runs.get(key)
+            if inst is None and rec.state == "active" and run is not None and run.then_destroy:
+                # Its guardian destroyed it once the run was delivered (pushed, or downloaded).
+                ledger.mark_destroyed(rec.provider, rec.instance_id or "")
+                rec = ledger.instance(rec.provider, rec.instance_id or "") or rec
+                if not include_destroyed:
+                    continue
         row = _ledger_row(rec, inst, runs.get(key))
         spend = instance_spend(ledger, rec)
         row.update(
@@ -108,6 +116,8 @@ def _ledger_row(rec: InstanceRecord, inst: Instance | None, run: Any) -> dict[st
         note = "destroyed"
     elif inst is None:
         note = "vanished: the provider no longer knows it (destroyed elsewhere?)"
+    elif run is not None and run.box_note and inst.state != "stopped":
+        note = run.box_note  # e.g. its self-stop failing, as `status` or `watch` last saw it
     return {
         "id": rec.instance_id or f"(pending {rec.key})",
         "provider": rec.provider,

@@ -11,7 +11,7 @@ from abfleet.fleet.deploy import Box
 from abfleet.fleet.ledger import Ledger, RunRecord
 from abfleet.fleet.plan import Confirm, LaunchOptions, LaunchPlan, Say, prepare, requirements
 from abfleet.fleet.providers.base import Instance, Provider
-from abfleet.fleet.rent import Rental, create_fleet
+from abfleet.fleet.rent import BudgetCheck, Rental, create_fleet
 from abfleet.fleet.sizing import Plan
 from abfleet.fleet.submit import (
     BoxPlan,
@@ -44,7 +44,7 @@ def launch(
     workers, instances, resume = opts.workers, opts.instances, opts.resume
     if workers < 1 or instances < 1:
         raise UserError("--workers and --instances must be at least 1")
-    lp = prepare(job_arg, flags, opts.gpu, opts.billing)
+    lp = prepare(job_arg, flags, opts.gpu, opts.billing, say)
     job, plan = lp.job, lp.sizing
     if show_plan:
         show_plan(plan)
@@ -85,7 +85,9 @@ def launch(
             rental,
             instances,
             (pg_port,) if head else (),
-            budget_usd=opts.billing.budget_usd,
+            budget=BudgetCheck(
+                opts.billing.budget_usd, opts.billing.stop_after_s, rescore_factor(job)
+            ),
         )
         try:
             boxes = _start_workers(lp, provider, ledger, fleet, run, workers, storage, resume, say)
@@ -102,6 +104,12 @@ def launch(
             workers * instances,
             opts.billing,
         )
+
+
+def rescore_factor(job: Any) -> float:
+    """The re-score's tokens per answer over the search's; 0 when there is no re-score."""
+    ev = job.spec.evaluation
+    return ev.long_new_tokens / ev.max_new_tokens if ev.long_new_tokens > ev.max_new_tokens else 0.0
 
 
 def _start_workers(
@@ -151,7 +159,7 @@ def _start_workers(
             env=envs[i],
             shared_study=bool(storage),
             extra_files=files,
-            terms=box_terms(provider, ledger, ids, instance.id, lp.billing),
+            terms=box_terms(provider, ledger, ids, instance.id, lp.billing, head_storage=head),
         )
         submit_box(box, lp, run, say, bp)
     return boxes

@@ -69,6 +69,8 @@ ADDED_COLUMNS = (
     ("runs", "then_destroy", "INTEGER"),  # a downloaded box is destroyed rather than stopped
     ("runs", "budget_usd", "REAL"),
     ("instances", "storage_per_hour", "REAL"),  # what it bills while stopped
+    ("runs", "box_note", "TEXT"),  # the box's trouble, as status/progress/watch last saw it
+    ("runs", "exported_trials", "INTEGER"),  # trials complete when the downloaded model was made
 )
 
 
@@ -115,6 +117,8 @@ class RunRecord:
     stop_after_s: float | None = None
     then_destroy: bool = False
     budget_usd: float | None = None
+    box_note: str | None = None
+    exported_trials: int | None = None
 
 
 class Ledger:

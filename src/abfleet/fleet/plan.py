@@ -82,6 +82,7 @@ def prepare(
     flags: dict[str, Any],
     gpu: str | None = None,
     billing: Billing | None = None,
+    say: Say | None = None,
 ) -> LaunchPlan:
     """Load, validate, resolve and size a job for a cloud run: fails here, before any rent.
     gpu (TYPE or TYPExN) replaces the sizer's pick, if it can hold the model."""
@@ -99,7 +100,12 @@ def prepare(
         check_architecture(source)  # no weights loaded: the projections abliteration edits
     judge_source(job.spec.evaluation.judge)
     prompts = job.load_all_prompts()
-    source = materialize(source)
+    if source.kind == "built" and say is not None:
+        say(
+            f"the job's model is {source.display} (the built-in demo; --model names another): "
+            "it is built here, then uploaded"
+        )
+    source = materialize(source, progress=say)
     sizing = plan_for_job(job, prompts, source)
     if billing is not None and billing.budget_usd < 0:
         raise UserError("--budget must be a positive amount of dollars")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from abfleet.errors import (
@@ -31,6 +31,7 @@ from abfleet.fleet.providers.base import (
 )
 from abfleet.fleet.remote import public_keys
 from abfleet.fleet.sizing import Plan
+from abfleet.render import fmt_usd
 from abfleet.resources import resource_path
 from abfleet.settings import settings
 
@@ -316,7 +317,7 @@ def create_fleet(
     rental: Rental,
     count: int = 1,
     head_ports: tuple[int, ...] = (),
-    budget_usd: float = 0.0,
+    budget: BudgetCheck | None = None,
 ) -> list[tuple[Instance, Any]]:
     """Create `count` instances on distinct machines after one confirmation, then wait for each.
 
@@ -342,8 +343,8 @@ def create_fleet(
                 f"{count} instances: {rate:.3f} $/h together"
                 + (f", about {rate * hours:.2f} $ in all" if hours else "")
             )
-        if budget_usd:
-            lines.append(_check_budget(budget_usd, offers, plan, n_trials, count))
+        if budget is not None and budget.usd:
+            lines.append(_check_budget(budget, offers, plan, n_trials, count))
         for line in lines:
             say(line)
         what = f"{offers[0].gpu_count}x {offers[0].gpu_name} instance at {offers[0].price_per_hour:.3f} $/h"
@@ -386,22 +387,40 @@ def create_fleet(
     return ready
 
 
+@dataclass(frozen=True)
+class BudgetCheck:
+    """What the up-front budget check needs beyond the plan."""
+
+    usd: float
+    stop_after_s: float = 0.0  # the grace period bills too
+    rescore_factor: float = 0.0  # the re-score's tokens per answer over the search's (0: none)
+
+
 def _check_budget(
-    budget_usd: float, offers: list[Offer], plan: Plan, n_trials: int, count: int
+    budget: BudgetCheck, offers: list[Offer], plan: Plan, n_trials: int, count: int
 ) -> str:
-    """Refuse a run whose estimate is over budget before anything is rented."""
+    """Refuse a run whose estimate (search, re-score, export and grace period) is over budget
+    before anything is rented."""
     rate = sum(o.price_per_hour for o in offers)
-    hours = plan.hours_for(max(1, n_trials // count))
-    if hours is not None and rate * hours > budget_usd:
-        raise UserError(
-            f"the estimated cost, {rate * hours:.2f} $ ({hours:.1f} h at {rate:.3f} $/h), is over "
-            f"--budget {budget_usd:.2f} $: raise the budget, lower --trials or choose a cheaper "
-            "--gpu; nothing was rented"
+    search = plan.hours_for(max(1, n_trials // count))
+    wrapup = plan.wrapup_hours(budget.rescore_factor)
+    if search is None or wrapup is None:
+        return (
+            f"budget {fmt_usd(budget.usd)} (no estimate): once spent, the search ends, the "
+            "best trial so far is exported and the box stops itself"
         )
-    estimate = f"estimated {rate * hours:.2f} $" if hours is not None else "no estimate"
+    grace = budget.stop_after_s / 3600
+    hours = search + wrapup + grace
+    parts = f"search {search:.1f} h, re-score and export {wrapup:.1f} h, grace {grace:.1f} h"
+    if rate * hours > budget.usd:
+        raise UserError(
+            f"the estimated cost, {fmt_usd(rate * hours)} ({parts} at {rate:.3f} $/h), is over "
+            f"--budget {fmt_usd(budget.usd)}: raise the budget, lower --trials, shorten "
+            "--stop-after or choose a cheaper --gpu; nothing was rented"
+        )
     return (
-        f"budget {budget_usd:.2f} $ ({estimate}): once spent, the search ends, the best trial "
-        "so far is exported and the box stops itself"
+        f"budget {fmt_usd(budget.usd)} (estimated {fmt_usd(rate * hours)}: {parts}): once "
+        "spent, the search ends, the best trial so far is exported and the box stops itself"
     )
 
 

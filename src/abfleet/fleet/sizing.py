@@ -325,6 +325,15 @@ class Plan:
             return None
         return n_trials * self.est_seconds_per_trial / 3600 + setup_hours(self.weights_gb)
 
+    def wrapup_hours(self, rescore_factor: float) -> float | None:
+        """After the search: the re-score of the front (about 8 trials at rescore_factor times
+        the tokens; 0 without one) and the export (written, then loaded again for its check,
+        ~4 s a GB)."""
+        if self.est_seconds_per_trial is None:
+            return None
+        rescore = 8 * self.est_seconds_per_trial * rescore_factor
+        return (rescore + 4 * self.weights_gb) / 3600
+
 
 def setup_hours(weights_gb: float) -> float:
     """Boot, install, download (~100 GB/h on a 200 Mbps+ box), load and directions."""

@@ -17,8 +17,10 @@ from abfleet.fleet.deploy import (
     Box,
     build_wheel,
     check_disk,
+    hub_token_reason,
     install,
     locate,
+    run_script,
     secret_env,
     start_worker,
     upload_tree,
@@ -31,6 +33,7 @@ from abfleet.job.source import judge_source
 from abfleet.job.spec import ENV_STORAGE, HEAD_STORAGE, Job, bundle
 from abfleet.job.storage import resolve_shared
 from abfleet.paths import local_run_dir
+from abfleet.settings import settings
 from abfleet.worker.selfstop import BoxTerms
 
 
@@ -71,25 +74,38 @@ class BoxPlan:
     shared_study: bool = False  # the study is in Postgres, created by the controller
     study_file: Path | None = None  # a backed-up SQLite study to continue
     extra_files: dict[str, Path] | None = None  # name in the run folder -> local file
-    terms: BoxTerms | None = None  # budget and self-stop; its first worker enforces them
+    terms: BoxTerms | None = None  # budget and self-stop; the box's guardian enforces them
 
 
 def box_terms(
-    provider: Provider, ledger: Ledger, instance_ids: list[str], instance_id: str, billing: Billing
+    provider: Provider,
+    ledger: Ledger,
+    instance_ids: list[str],
+    instance_id: str,
+    billing: Billing,
+    since: float | None = None,
+    head_storage: bool = False,
 ) -> BoxTerms | None:
-    """The terms one box of a run gets: the run's whole $/h since its first create (for the
-    budget), and how this box stops itself. None for a machine abfleet does not rent."""
+    """The terms one box of a run gets: the run's whole $/h (every box of it) and when its
+    meter starts (the submit, or the first create of a launch), and how this box stops itself.
+    None for a machine abfleet does not rent."""
     if not provider.billable:
         return None
     records = [r for r in (ledger.instance(provider.name, i) for i in instance_ids) if r]
+    guard = settings().guardian
+    first = instance_id == instance_ids[0]
     return BoxTerms(
         instance_id=instance_id,
         rate_per_hour=sum(r.price_per_hour or 0.0 for r in records),
-        billing_since=min((r.created_at for r in records), default=time.time()),
+        storage_per_hour=sum(r.storage_per_hour or 0.0 for r in records),
+        billing_since=since or min((r.created_at for r in records), default=time.time()),
         budget_usd=billing.budget_usd,
         stop_after_s=billing.stop_after_s,
         then_destroy=billing.then_destroy,
         requests=provider.self_stop_requests(instance_id),
+        holds_results=first,
+        peers_wait_s=guard.peers_wait_s if head_storage and first and len(instance_ids) > 1 else 0,
+        guard={k: v for k, v in guard.model_dump().items() if k != "peers_wait_s"},
     )
 
 
@@ -108,7 +124,8 @@ def submit(
     from abfleet.core.pipeline import create_shared_study
 
     job = lp.job
-    terms = box_terms(provider, ledger, [instance_id], instance_id, lp.billing)
+    # A reused box's budget counts from this submit, not from the box's first create.
+    terms = box_terms(provider, ledger, [instance_id], instance_id, lp.billing, since=time.time())
     bp = BoxPlan(workers=workers, study_file=study_file, terms=terms)
     storage = job.spec.search.storage
     if storage == HEAD_STORAGE:
@@ -173,7 +190,10 @@ def submit_box(box: Box, lp: LaunchPlan, run: str, say: Say, bp: BoxPlan) -> lis
         box.remote.put(bp.study_file, f"{run_dir}/study.db")
     bundle(job, local_run_dir(run) / "job", model=job.spec.model)
     terms_env = bp.terms.to_env() if bp.terms else {}
-    write_env(box, run_dir, {**secret_env(), **(bp.env or {}), **terms_env})
+    token_for = hub_token_reason(job, exports=bp.first_index == 0)
+    if token_for:
+        say(f"HF_TOKEN goes to {box.remote.label} for {token_for} (removed once the run is over)")
+    write_env(box, run_dir, {**secret_env(token_for), **(bp.env or {}), **terms_env})
     pids = []
     for i in range(bp.workers):
         index = bp.first_index + i
@@ -181,9 +201,10 @@ def submit_box(box: Box, lp: LaunchPlan, run: str, say: Say, bp: BoxPlan) -> lis
         args = (
             *(("--secondary",) if index > 0 else ()),
             *(("--no-create",) if bp.shared_study else ()),
-            *(("--box-lead",) if i == 0 and bp.terms else ()),
         )
         pids.append(start_worker(box, run_dir, index, gpu, args))
+    if bp.terms is not None:
+        run_script(box.remote, "start-guardian.sh", box.root, timeout=60)
     say(
         f"worker(s) {bp.first_index}..{bp.first_index + bp.workers - 1} started on {box.remote.label}: pid {', '.join(map(str, pids))}"
     )

@@ -16,14 +16,11 @@ from typing import Any
 
 from abfleet.errors import AbfleetError, reason
 from abfleet.fleet.ledger import InstanceRecord, Ledger
-from abfleet.fleet.providers import connect_record, get_provider
 from abfleet.fleet.providers.base import STOPPED, Provider
 from abfleet.fleet.rent import destroy_and_confirm, wait_ready
 from abfleet.fleet.spend import instance_spend, observe
-from abfleet.ops.monitor import BACKUP_FILE, RunView, Session, Target
-from abfleet.ops.streams import DEFAULT_STREAMS
-from abfleet.ops.transfer import DownloadResult, download
-from abfleet.worker.selfstop import DOWNLOADED_MARK, SELF_STOP_FILE
+from abfleet.ops.monitor import BACKUP_FILE, Session, Target
+from abfleet.worker.selfstop import SELF_STOP_FILE
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +28,29 @@ Warn = Callable[[str], None]
 
 
 def note_state(ledger: Ledger, target: Target, snap: dict[str, Any]) -> None:
-    if target.run is not None and snap.get("state"):
-        ledger.update_run(target.run.name, state=snap["state"])
+    """Keep what a snapshot said in the ledger, for `list`: the run's state and its box's
+    trouble (a self-stop failing, no guardian)."""
+    if target.run is None:
+        return
+    fields: dict[str, Any] = {"box_note": box_trouble(snap.get("box"))}
+    if snap.get("state"):
+        fields["state"] = snap["state"]
+    ledger.update_run(target.run.name, **fields)
+
+
+def box_trouble(box: dict[str, Any] | None) -> str | None:
+    """One short line when the box may bill on unseen, else None."""
+    if not box:
+        return None
+    if box.get("error"):
+        since = time.strftime("%H:%M", time.localtime(box.get("failing_since") or time.time()))
+        return (
+            f"work over, self-{box.get('action') or 'stop'} failing since {since}: {box['error']}"
+        )
+    guard = box.get("guardian")
+    if guard is None or (not guard.get("alive") and guard.get("phase") != "done"):
+        return "no guardian running: it will not stop itself"
+    return None
 
 
 def instance_status(ledger: Ledger, target: Target, provider: Provider) -> dict[str, Any]:
@@ -112,58 +130,6 @@ def _unreachable_hint(state: str, run: Any) -> str:
     return f"{where}; `abfleet resume {run.name}` continues it from its backup of {taken}"
 
 
-def fetch_model(
-    ledger: Ledger,
-    target: Target,
-    dest: Path,
-    warn: Warn,
-    say: Warn,
-    progress: Callable[[int, int | None], None] | None = None,
-    prefer_rsync: bool = True,
-    on_attempt: Callable[[int, str], None] | None = None,
-    stream_count: int = DEFAULT_STREAMS,
-) -> tuple[DownloadResult, bool]:
-    """Download the run's model from the box that exported it, verified file by file; then
-    bring the study and logs home too (a destroy needs a current backup), and tell the box.
-
-    A box that stopped itself is started first; the second value says so, and the caller
-    stops (or destroys) it again. If the download then fails, it is stopped again here."""
-    run = target.run
-    assert run is not None
-    rec = RunView(ledger, target).primary.instance
-    provider = get_provider(rec.provider)
-    woke = wake_if_stopped(ledger, rec, provider, f"{rec.remote_root}/runs/{run.name}", say)
-    try:
-        primary = RunView(ledger, target).primary  # a started box may have a new SSH port
-        run_dir = f"{primary.instance.remote_root}/runs/{run.name}"
-        result = download(
-            lambda: connect_record(primary.instance),
-            f"{run_dir}/model",
-            dest,
-            progress=progress,
-            prefer_rsync=prefer_rsync,
-            on_attempt=on_attempt,
-            stream_count=stream_count,
-        )
-    except BaseException as exc:
-        if woke:
-            note = stop_again(ledger, rec, provider)
-            raise AbfleetError(f"{reason(exc)}; {note}") from exc
-        raise
-    ledger.update_run(run.name, downloaded_at=time.time(), verified=1)
-    try:
-        view = RunView(ledger, target)
-        try:
-            view.backup(view.snapshot())
-            # The box may now destroy itself if the user chose that at launch.
-            view.session(view.primary).remote.write_text(f"{run_dir}/{DOWNLOADED_MARK}", "")
-        finally:
-            view.close()
-    except AbfleetError as exc:
-        warn(f"the study backup failed ({reason(exc)}); run `abfleet backup` before destroying")
-    return result, woke
-
-
 def wake_if_stopped(
     ledger: Ledger, rec: InstanceRecord, provider: Provider, run_dir: str, say: Warn
 ) -> bool:
@@ -183,17 +149,17 @@ def wake_if_stopped(
     ledger.meter_mark(provider.name, iid, "running")
     try:
         inst, remote = wait_ready(provider, iid, say)
-    except BaseException as exc:  # a box that never came up, or Ctrl+C: not left at full rate
+        try:
+            ledger.update(rec.key, ssh_host=inst.ssh_host, ssh_port=inst.ssh_port)
+            out = remote.run(["cat", f"{run_dir}/{SELF_STOP_FILE}"], timeout=60, check=False)
+        finally:
+            remote.close()
+    except BaseException as exc:  # never came up, SSH failed, Ctrl+C: not left at full rate
         raise AbfleetError(f"{reason(exc)}; {stop_again(ledger, rec, provider)}") from exc
-    try:
-        ledger.update(rec.key, ssh_host=inst.ssh_host, ssh_port=inst.ssh_port)
-        out = remote.run(["cat", f"{run_dir}/{SELF_STOP_FILE}"], timeout=60, check=False)
-        if out.code == 0:
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                stopped_at = float(json.loads(out.stdout)["at"])
-                ledger.meter_correct(provider.name, iid, "stopped", stopped_at)
-    finally:
-        remote.close()
+    if out.code == 0:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            stopped_at = float(json.loads(out.stdout)["at"])
+            ledger.meter_correct(provider.name, iid, "stopped", stopped_at)
     return True
 
 

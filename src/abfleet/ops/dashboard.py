@@ -12,7 +12,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from abfleet.render import box_plan_line, fmt_duration, fmt_kl, fmt_refusals, fmt_usd
+from abfleet.render import box_lines, fmt_duration, fmt_kl, fmt_refusals, fmt_usd
 from abfleet.worker.rundir import FINAL_STATES
 
 
@@ -111,11 +111,8 @@ def _header(snap: dict[str, Any] | None, info: ViewInfo, now: float) -> Renderab
                 Text("before"),
                 Text(f"refusals {fmt_refusals(base.get('refusals'), base.get('n_bad'))}"),
             )
-        box = snap.get("box") or {}
-        if box.get("action") and box.get("acts_at"):
-            lines.add_row(Text("box", style="bold"), Text(box_plan_line(box, now)))
-        if box.get("error"):
-            lines.add_row(Text("box", style="bold red"), Text(box["error"], style="red"))
+        for text, style in box_lines(snap.get("box"), now):
+            lines.add_row(Text("box", style=f"bold {style}".strip()), Text(text, style=style))
     else:
         lines.add_row(Text("no snapshot yet", style="bold"), Text(""))
     lines.add_row(

@@ -28,6 +28,7 @@ class Assessment:
     backup_fresh: bool | None
     backup_note: str
     continued_in: str | None = None  # the run was resumed elsewhere; its model came home there
+    pushed: str | None = None  # the Hub URL the verified export went to
     others: list[str] = field(default_factory=list)  # other runs on the box that are not home
     lines: list[str] = field(default_factory=list)
 
@@ -63,12 +64,19 @@ def assess(
         except AbfleetError as exc:
             live = f"unknown ({reason(exc)})"
     verified = bool(run and run.verified)
+    push = ((snap or {}).get("output") or {}).get("push") or {}
+    pushed = bool(push.get("url")) and not push.get("error")  # checked against the manifest
     fresh, note = (
         (True, "no run on this instance")
         if run is None
-        else backup_is_fresh(Path(run.local_dir), snap)
+        else backup_is_fresh(
+            Path(run.local_dir), snap, run.exported_trials if run.verified else None
+        )
     )
+    if pushed and not verified:
+        verified, fresh, note = True, True, f"not needed: the model was pushed to {push['url']}"
     a = Assessment(target, snap, err, live, verified, fresh, note)
+    a.pushed = push.get("url") if pushed else None
     a.continued_in = _home_elsewhere(ledger, run)
     a.others = [
         r.name
@@ -109,6 +117,8 @@ def describe(a: Assessment) -> list[str]:
         lines.append(f"run {run.name}: state unknown ({a.reach_error or 'not reachable'})")
     if a.continued_in:
         lines.append(f"continued as run {a.continued_in}, whose model is downloaded and verified")
+    elif a.pushed:
+        lines.append(f"model: pushed to {a.pushed}, verified against its manifest")
     elif a.model_verified:
         lines.append(
             f"model: downloaded and verified {time.strftime('%Y-%m-%d %H:%M', time.localtime(run.downloaded_at or 0))}"

@@ -165,12 +165,23 @@ def _unchanged(snap: dict[str, Any], last: dict[str, Any]) -> bool:
     return source == last.get("source")
 
 
-def backup_is_fresh(local: Path, snap: dict[str, Any] | None) -> tuple[bool | None, str]:
-    """(fresh, why): the backup holds every completed trial the box reports; None if unknown."""
+def backup_is_fresh(
+    local: Path, snap: dict[str, Any] | None, exported: int | None = None
+) -> tuple[bool | None, str]:
+    """(fresh, why): the backup holds every completed trial the box reports; None if unknown.
+    With the box out of reach, a backup holding every trial the downloaded model was chosen
+    from (`exported`) is fresh: the run ended with that export."""
     meta = read_backup_meta(local)
     if meta is None:
         return False, "the study was never backed up"
+    if snap is not None and snap.get("study_error"):
+        snap = None  # the box answered, its study did not: its count of 0 means nothing
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(meta["at"]))
+    if snap is None and exported is not None and meta["complete"] >= exported:
+        return True, (
+            f"last backup {when} holds all {exported} trials the downloaded model was chosen "
+            "from (the box cannot be reached)"
+        )
     if snap is None:
         return (
             None,

@@ -19,6 +19,7 @@ from abfleet.fleet.plan import DEFAULT_STOP_AFTER_S, Billing, prepare, requireme
 from abfleet.fleet.rent import Rental, create_and_wait
 from abfleet.fleet.submit import register, setup, submit
 from abfleet.ops.monitor import BACKUP_FILE, read_backup_meta
+from abfleet.render import fmt_usd
 
 
 def _sources(ledger: Ledger, run_name: str) -> tuple[Path, Path, dict[str, Any]]:
@@ -51,6 +52,7 @@ def resume(
     confirm: Callable[[str], bool] | None,
     say: Callable[[str], None],
     keep_on_failure: bool = False,
+    budget_usd: float = 0.0,
 ) -> None:
     study, job_file, meta = _sources(ledger, run_name)
     say(
@@ -65,14 +67,20 @@ def resume(
     from abfleet.fleet.providers import get_provider
 
     old = ledger.run(run_name)
-    # The new box stops itself as the old one would have; a budget was for the first run.
+    # The new box stops itself as the old one would have; its budget counts from this resume.
     billing = Billing(
         stop_after_s=old.stop_after_s
         if old and old.stop_after_s is not None
         else DEFAULT_STOP_AFTER_S,
         then_destroy=bool(old and old.then_destroy),
+        budget_usd=budget_usd,
     )
-    prepared = prepare(str(job_file), overrides, billing=billing)
+    if old and old.budget_usd and not budget_usd:
+        say(
+            f"note: {run_name} had a budget of {fmt_usd(old.budget_usd)}; this resume has none "
+            "(--budget sets one, counted from now)"
+        )
+    prepared = prepare(str(job_file), overrides, billing=billing, say=say)
     provider = get_provider(provider_name, host)
     req = requirements(prepared.sizing, None, max_price)
     new_run = f"{run_name}-r{time.strftime('%H%M%S')}"
@@ -125,7 +133,14 @@ def _offer_to_destroy_old_box(
     provider = get_provider(old.provider)
     if not provider.billable:
         return
-    rate = f"{old.price_per_hour:.3f} $/h" if old.price_per_hour else "its disk"
+    live = provider.get(old.instance_id)
+    if live is None:
+        return
+    if live.state == "stopped":  # a stopped box bills its disk, not its GPU
+        disk = live.storage_per_hour or old.storage_per_hour
+        rate = f"{disk:.3f} $/h for its disk" if disk else "its disk"
+    else:
+        rate = f"{old.price_per_hour:.3f} $/h" if old.price_per_hour else "its full rate"
     question = (
         f"destroy instance {old.instance_id}, the old box of {run_name} (it still bills: {rate})?"
     )

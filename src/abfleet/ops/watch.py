@@ -17,6 +17,7 @@ from abfleet.errors import AbfleetError
 from abfleet.fleet.ledger import Ledger
 from abfleet.fleet.providers import RENTED, get_provider
 from abfleet.fleet.spend import instance_spend, observe
+from abfleet.ops.actions import note_state
 from abfleet.ops.dashboard import ViewInfo, render
 from abfleet.ops.monitor import RunView, Target, read_backup_meta
 
@@ -82,8 +83,7 @@ class Watcher:
             self.info.stale_since = None
             self.info.error = None
             self.failures = 0
-            if self.target.run is not None and snap.get("state"):
-                self.ledger.update_run(self.target.run.name, state=snap["state"])
+            note_state(self.ledger, self.target, snap)
             if self.backup:
                 self.info.backup = self.runview.backup(snap)
             self._meter()

@@ -48,7 +48,7 @@ from abfleet.render import fmt_kl
 from abfleet.worker import publish
 from abfleet.worker.report import NAME as REPORT_NAME
 from abfleet.worker.report import write_report
-from abfleet.worker.rundir import RunDir, StatusWriter, pid_alive
+from abfleet.worker.rundir import RunDir, StatusWriter
 
 log = logging.getLogger(__name__)
 
@@ -299,15 +299,22 @@ def _run(
     def on_trial(outcome: search.TrialOutcome) -> None:
         counts = search.count_states(storage, study.study_name)
         complete = counts[search.TrialState.COMPLETE]
+        seconds = outcome.user_attrs.get("seconds") or 0.0
         status.update(
             trials_here=status.data.get("trials_here", 0) + (outcome.error is None),
             last_trial=outcome.number,
+            current_trial=None,  # between trials (or waiting for others): no trial to hang
+            # The guardian's yardstick for a hung trial.
+            slowest_trial_s=max(status.data.get("slowest_trial_s") or 0.0, seconds),
         )
         reporter.trial(outcome, complete, settings.n_trials)
 
     def on_start(trial: Any) -> None:
         trial.set_user_attr("worker", label)  # so progress shows who runs which trial
         status.update(current_trial=trial.number, current_trial_started=time.time())
+
+    def on_wait() -> None:
+        status.flush()  # waiting for other workers' trials is progress too (the guardian reads it)
 
     with opts.graceful():
         trials_here = search.run_trials(
@@ -319,6 +326,7 @@ def _run(
             lambda: opts.should_stop() or opts.out_of_budget(),
             on_trial,
             on_start=on_start,
+            on_wait=on_wait,
         )
     status.update(current_trial=None)
     timings["search"] = time.monotonic() - t0
@@ -589,12 +597,7 @@ def _median_seconds(trials: list[Any]) -> float | None:
 
 def _recover_local_orphans(study: Any, storage: Any, run: RunDir) -> int:
     """On one box, RUNNING trials whose worker process is gone are re-queued at once."""
-    alive = []
-    for worker in run.workers():
-        try:
-            pid = int(run.pid_file(worker).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if pid != os.getpid() and pid_alive(pid):
-            alive.append(pid)
-    return 0 if alive else search.recover_orphans(study, storage)
+    others = [run.worker_alive(w) for w in run.workers()]
+    if any(alive and pid != os.getpid() for pid, alive in others):
+        return 0
+    return search.recover_orphans(study, storage)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import time
 from dataclasses import dataclass
@@ -81,15 +82,35 @@ class RunDir:
 
     def env_value(self, key: str) -> str | None:
         """One value of the run's 0600 env file (read by the same user that runs the workers)."""
+        return self.env().get(key)
+
+    def env(self) -> dict[str, str]:
+        """The run's 0600 env file, as `set -a; . .env` reads it (KEY='value' lines)."""
         try:
             text = (self.path / ".env").read_text()
         except OSError:
-            return None
+            return {}
+        out = {}
         for line in text.splitlines():
-            name, _, value = line.partition("=")
-            if name == key:
-                return value.strip().strip("'")
-        return None
+            name, sep, value = line.partition("=")
+            if sep and name.isidentifier():
+                try:
+                    out[name] = "".join(shlex.split(value))
+                except ValueError:
+                    continue
+        return out
+
+    def worker_pid(self, worker: int) -> int | None:
+        """The pid in worker-N.pid (written at its start, or by whoever started it again)."""
+        try:
+            return int(self.pid_file(worker).read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def worker_alive(self, worker: int) -> tuple[int | None, bool]:
+        """(pid, alive): the one reading of a worker's liveness (snapshot, guardian, orphans)."""
+        pid = self.worker_pid(worker)
+        return pid, pid_alive(pid)
 
     def read_status(self, worker: int) -> dict[str, Any]:
         try:

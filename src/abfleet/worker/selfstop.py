@@ -1,28 +1,26 @@
-"""A rented box's own meter and its way out: the budget it must stay within, and the stop (or
-destroy) it performs on itself once its work is over, so that a finished box never bills until
-someone notices.
+"""A rented box's terms and its way out: the budget a run must stay within, the grace period,
+and the provider request that stops (or destroys) this one instance. The box's guardian
+(`worker/guardian.py`) decides when to send it.
 
-The controller writes the terms into the run's 0600 env file (`BoxTerms.to_env`): the rate the
-run bills at, since when, the budget, the grace period, and the provider's request that stops
-this one instance. The key for that request is the instance-scoped one the provider puts in
-the container's environment (on Vast.ai `CONTAINER_API_KEY`); the account key never reaches a
-box. An SSH session does not inherit the container's environment, so PID 1's is read too.
+The controller writes the terms into the run's 0600 env file (`BoxTerms.to_env`). The key for
+the request is the instance-scoped one the provider puts in the container's environment (on
+Vast.ai `CONTAINER_API_KEY`); the account key never reaches a box. An SSH session does not
+inherit the container's environment, so PID 1's is read too.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from abfleet.worker.rundir import RunDir, pid_alive, write_json_atomic
+from abfleet.worker.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +28,6 @@ ENV_KEY = "ABFLEET_BOX_TERMS"
 DOWNLOADED_MARK = ".downloaded"  # written by `abfleet download` once every file is verified
 SELF_STOP_FILE = "box-stop.json"  # what the box did to itself, and when
 PID1_ENVIRON = Path("/proc/1/environ")
-POLL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -39,11 +36,15 @@ class BoxTerms:
 
     instance_id: str = ""
     rate_per_hour: float = 0.0  # the whole run's $/h (every box of it), for the budget
-    billing_since: float = 0.0  # when the first box of the run was created
+    storage_per_hour: float = 0.0  # the same while stopped (disk only)
+    billing_since: float = 0.0  # the run's submit (or its first box's create, for a launch)
     budget_usd: float = 0.0  # 0: none
     stop_after_s: float = 1800.0  # grace period after the work ends; 0: never stop
-    then_destroy: bool = False  # after a verified download, destroy rather than stop
+    then_destroy: bool = False  # once delivered (downloaded or pushed), destroy rather than stop
     requests: dict[str, Any] = field(default_factory=dict)  # provider's stop/destroy requests
+    holds_results: bool = True  # False on a run's extra boxes: neither model nor study there
+    peers_wait_s: float = 0.0  # the study's host waits this long for other boxes' workers
+    guard: dict[str, float] = field(default_factory=dict)  # the guardian's timings (GuardTimes)
 
     def to_env(self) -> dict[str, str]:
         return {ENV_KEY: json.dumps(asdict(self), sort_keys=True)}
@@ -91,11 +92,11 @@ def call_provider(
     """Send the provider's `action` request (stop or destroy) for this instance."""
     spec = terms.requests.get(action)
     if not spec:
-        raise RuntimeError(f"this provider gave the box no way to {action} itself")
+        raise ProviderCallFailed(f"this provider gave the box no way to {action} itself")
     key_env = terms.requests.get("key_env", "")
     key = container_value(key_env, environ, pid1) if key_env else None
     if key_env and not key:
-        raise RuntimeError(f"{key_env} is not in the container's environment")
+        raise ProviderCallFailed(f"{key_env} is not in the container's environment")
     body = json.dumps(spec["json"]).encode() if "json" in spec else None
     request = urllib.request.Request(spec["url"], data=body, method=spec["method"])
     request.add_header("Content-Type", "application/json")
@@ -105,72 +106,25 @@ def call_provider(
         with urllib.request.urlopen(request, timeout=60) as answer:
             reply = json.loads(answer.read() or b"{}")
     except urllib.error.HTTPError as exc:
-        raise RuntimeError(f"the provider answered {exc.code} to the {action}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise RuntimeError(f"could not reach the provider to {action}: {exc}") from None
+        raise ProviderCallFailed(f"the provider answered {exc.code}", _retry_after(exc)) from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ProviderCallFailed(f"could not reach the provider: {exc}") from None
     if isinstance(reply, dict) and reply.get("success") is False:
-        raise RuntimeError(f"the provider refused the {action}: {reply.get('msg') or reply}")
+        if reply.get("error") == "no_such_instance" and action == "destroy":
+            return  # already gone: what was asked
+        raise ProviderCallFailed(f"the provider refused: {reply.get('msg') or reply.get('error')}")
 
 
-def finish_box(
-    run: RunDir,
-    terms: BoxTerms,
-    status: Any,
-    own_index: int,
-    out_of_budget: bool,
-    should_stop: Callable[[], bool],
-    environ: Mapping[str, str] = os.environ,
-) -> str | None:
-    """The work on this box is over: wait for its other workers, then for the grace period
-    (none when the budget is spent), and stop the box; or destroy it, when the user chose that
-    at launch and the model has been downloaded and verified (`download` usually destroys it
-    first). Returns what was done, None if nothing.
+class ProviderCallFailed(RuntimeError):
+    """The stop or destroy did not go through; the guardian tries again later."""
 
-    A SIGTERM (the user operating the box) ends the wait without touching the box."""
-    if not terms.can_stop_itself:
-        log.info("this box cannot stop itself (its provider has no such request)")
-        return None
-    if terms.stop_after_s <= 0 and not out_of_budget:
-        log.info("stop_after is 0: the box keeps running until you stop or destroy it")
-        return None
-    while _others_alive(run, own_index):
-        if should_stop():
-            return None
-        time.sleep(POLL_S)
-    grace = 0.0 if out_of_budget else terms.stop_after_s
-    deadline = time.time() + grace
-    why = "budget reached" if out_of_budget else "work finished"
-    while True:
-        downloaded = (run.path / DOWNLOADED_MARK).is_file()
-        action = "destroy" if downloaded and terms.then_destroy else "stop"
-        status.update(box_action=action, box_acts_at=deadline, box_why=why)
-        if time.time() >= deadline:
-            break
-        if should_stop():
-            status.update(box_action=None, box_acts_at=None)
-            return None
-        time.sleep(min(POLL_S, max(0.1, deadline - time.time())))
-    record = {"at": time.time(), "action": action, "why": why, "spent_usd": terms.spent()}
-    write_json_atomic(run.path / SELF_STOP_FILE, record)
-    log.info("%s: the box %ss itself (%.2f $ spent)", why, action, record["spent_usd"])
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(exc: urllib.error.HTTPError) -> float | None:
     try:
-        call_provider(terms, action, environ)
-    except RuntimeError as exc:
-        log.error("the box could not %s itself: %s", action, exc)
-        status.update(box_action=None, box_error=f"could not {action} itself: {exc}")
-        (run.path / SELF_STOP_FILE).unlink(missing_ok=True)
+        return float(exc.headers.get("Retry-After") or "")
+    except (TypeError, ValueError):
         return None
-    return action
-
-
-def _others_alive(run: RunDir, own_index: int) -> bool:
-    for index in run.workers():
-        if index == own_index:
-            continue
-        try:
-            pid = int(run.pid_file(index).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if pid_alive(pid):
-            return True
-    return False

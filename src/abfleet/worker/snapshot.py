@@ -43,7 +43,8 @@ def take_snapshot(run: RunDir, log_lines: int = 20) -> dict[str, Any]:
 
 
 def _box(run: RunDir) -> dict[str, Any] | None:
-    """The box's terms (budget, grace period) and what it plans to do to itself, and when."""
+    """The box's terms (budget, grace period), and what its guardian sees and plans."""
+    from abfleet.worker.guardian import GUARD_FILE, budget_reached, metered_spend, read_json
     from abfleet.worker.selfstop import BoxTerms
 
     terms = BoxTerms.from_env(os.environ, run)
@@ -52,20 +53,33 @@ def _box(run: RunDir) -> dict[str, Any] | None:
     box: dict[str, Any] = {
         "instance_id": terms.instance_id,
         "budget_usd": terms.budget_usd or None,
-        "spent_usd": round(terms.spent(), 4),
+        "spent_usd": round(metered_spend(run, terms), 4),
+        "budget_reached": budget_reached(run),
         "stop_after_s": terms.stop_after_s,
         "then_destroy": terms.then_destroy,
         "can_stop_itself": terms.can_stop_itself,
     }
-    for index in run.workers():
-        status = run.read_status(index)
-        if status.get("box_action") or status.get("box_error"):
-            box.update(
-                action=status.get("box_action"),
-                acts_at=status.get("box_acts_at"),
-                why=status.get("box_why"),
-                error=status.get("box_error"),
-            )
+    guard = read_json(run.path.parent.parent / GUARD_FILE)
+    if guard is None:
+        box["guardian"] = None
+        return box
+    alive = pid_alive(guard.get("pid"))
+    box["guardian"] = {
+        "alive": alive,
+        "phase": guard.get("phase"),
+        "detail": guard.get("detail"),
+        "events": guard.get("events", [])[-5:],
+        "updated_at": guard.get("updated_at"),
+    }
+    if guard.get("phase") in ("grace", "lease", "failing", "done"):
+        box.update(action=guard.get("action"), acts_at=guard.get("acts_at"), why=guard.get("why"))
+    if guard.get("phase") == "failing":
+        box.update(
+            failing_since=guard.get("failing_since"),
+            attempts=guard.get("attempts"),
+            error=guard.get("last_error"),
+            next_try_at=guard.get("next_try_at"),
+        )
     return box
 
 
@@ -88,10 +102,10 @@ def job_info(run: RunDir) -> dict[str, Any]:
 
 def _worker(run: RunDir, index: int) -> dict[str, Any]:
     status = run.read_status(index)
-    pid = status.get("pid")
-    with contextlib.suppress(OSError, ValueError):
-        pid = int(run.pid_file(index).read_text().strip())
-    alive = pid_alive(pid)
+    pid, alive = run.worker_alive(index)
+    if pid is None:  # no pid file: the status says which process wrote it
+        pid = status.get("pid")
+        alive = pid_alive(pid)
     state = status.get("state", "starting")
     if not alive and state not in FINAL_STATES:
         # The process is gone without saying why (killed, OOM, box rebooted).
