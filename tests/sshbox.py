@@ -145,10 +145,23 @@ SetEnv ABFLEET_REMOTE_ROOT={self.root} ABFLEET_PYTHON={python} PATH={path} HOME=
     def stop_workers(self) -> None:
         """Kill every process the box started: its workers and its guardian (by their pid
         files in its workspace), as a stopped container loses them."""
+        import psutil
+
         # The guardian first: it would start the workers again.
         for pidfile in [self.root / "guardian.pid", *self.root.rglob("worker-*.pid")]:
             with contextlib.suppress(ValueError, OSError, ProcessLookupError, PermissionError):
                 os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+        # Then anything else run from the box's folder (a guardian whose pid file was rewritten,
+        # a worker started a moment ago): left behind, it would load the CPU for later tests.
+        # sshd and the Postgres are stopped by their own steps.
+        mine = str(self.directory)
+        for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+            name = proc.info["name"] or ""
+            if name.startswith(("sshd", "postgres", "postmaster")) or proc.pid == os.getpid():
+                continue
+            if any(mine in part for part in proc.info["cmdline"] or []):
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
 
     def stop_postgres(self, keep_data: bool = False) -> None:
         """A head Postgres (infra/postgres-head.sh) outlives its SSH session: stop it too, and

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -322,6 +323,7 @@ def test_a_controller_killed_during_a_download_leaves_the_box_to_its_lease(
     )
 
     # Ctrl+C instead: the download itself stops the box again, at once, and says so.
+    again = time.time()
     proc = subprocess.Popen(
         [sys.executable, "-m", "abfleet", "download", str(iid), "--to", str(tmp_path / "got2")],
         stdout=subprocess.PIPE,
@@ -329,7 +331,7 @@ def test_a_controller_killed_during_a_download_leaves_the_box_to_its_lease(
         stdin=subprocess.DEVNULL,
         text=True,
     )
-    _wait(lambda: (root / "lease.json").is_file(), every=0.01, fake=fake, what="the lease")
+    _wait(lambda: _lease_at(root) >= again, every=0.01, fake=fake, what="the new lease")
     proc.send_signal(signal.SIGINT)
     interrupted = time.time()
     out = " ".join(proc.communicate(timeout=120)[0].split())
@@ -337,7 +339,16 @@ def test_a_controller_killed_during_a_download_leaves_the_box_to_its_lease(
     assert not fake.gpu_billing(iid)
     seconds, usd = _after_work(fake, iid, interrupted)
     assert seconds < 15  # well before the lease would have run out
-    _table("Ctrl+C during a download of a box it woke", out[-80:], seconds, usd, "-")
+    said = re.search(r"instance \d+ is stopped again[^.;]*", out)
+    _table("Ctrl+C during a download of a box it woke", said[0] if said else out, seconds, usd, "-")
+
+
+def _lease_at(root: Path) -> float:
+    """When the lease on the box was written (0 without one)."""
+    try:
+        return float(json.loads((root / "lease.json").read_text())["at"])
+    except (OSError, ValueError, KeyError):
+        return 0.0
 
 
 def test_every_download_failure_after_the_wake_stops_the_box_again(

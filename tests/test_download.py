@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -279,11 +280,13 @@ def test_a_refused_key_is_an_auth_error_at_once_not_lost_connections(box_with_mo
 
     box, remote_dir = box_with_model
     stranger = make_keypair(tmp_path / "keys", "stranger")
-    remote = SshRemote(
-        SshTarget("127.0.0.1", box.port, "root", known_hosts_file("test", "dl"), str(stranger))
-    )
-    # The host key pinned, as the download's first connection does before its streams start.
     known = known_hosts_file("test", "dl")
+    target = SshTarget("127.0.0.1", box.port, "root", known, str(stranger))
+    # paramiko (the first connection) says so at once ...
+    with pytest.raises(SshAuthError, match="rejected your key"):
+        SshRemote(target)
+    # ... and so do the streams' OpenSSH clients, which get the same key. The host key pinned
+    # first, as the download's first connection does before its streams start.
     pinned = SshRemote(SshTarget("127.0.0.1", box.port, "root", known, str(box.authorized_key)))
     try:
         pinned.run(["true"])
@@ -291,7 +294,7 @@ def test_a_refused_key_is_an_auth_error_at_once_not_lost_connections(box_with_mo
         pinned.close()
     cuts = []
     fetch = ParallelFetch(
-        [*ssh_command(remote), "-T", "--", "root@127.0.0.1"],
+        [*ssh_command(SimpleNamespace(target=target)), "-T", "--", "root@127.0.0.1"],
         remote_dir,
         tmp_path / "staging",
         manifest.read(Path(remote_dir)),
@@ -304,3 +307,29 @@ def test_a_refused_key_is_an_auth_error_at_once_not_lost_connections(box_with_mo
     with pytest.raises(SshAuthError, match="refused abfleet's SSH key"):
         fetch.run()
     assert time.monotonic() - started < 20 and cuts == []
+
+
+def test_files_not_in_the_export_are_moved_aside_never_left_to_load(
+    box_with_model, ssh_key, tmp_path
+):
+    """An earlier export's single model.safetensors beside the new shards is what transformers
+    would load first: after the download the folder holds exactly the manifest's files."""
+    box, remote_dir = box_with_model
+    target = tmp_path / "got"
+    (target / "old").mkdir(parents=True)
+    (target / "model.safetensors").write_bytes(b"weights of an earlier export")
+    (target / "old" / "notes.txt").write_text("mine")
+    result = download(connector(box, ssh_key), remote_dir, target, **options("parallel"))
+    held = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
+    expected = set(SIZES) | {manifest.NAME, manifest.SIZES, ".abfleet-verified.json"}
+    assert held == expected
+    assert sorted(result.set_aside) == ["model.safetensors", "old/notes.txt"]
+    aside = result.set_aside_to
+    assert aside is not None and aside.parent == target.parent
+    assert (aside / "model.safetensors").read_bytes() == b"weights of an earlier export"
+    assert (aside / "old" / "notes.txt").read_text() == "mine"
+    assert "not part of the export" in (aside / "NOTE.txt").read_text()
+    assert manifest.verify(target, manifest.read(target)) == []
+    # A second download of the same export finds nothing to move.
+    again = download(connector(box, ssh_key), remote_dir, target, **options("parallel"))
+    assert again.set_aside == [] and again.bytes_transferred == 0

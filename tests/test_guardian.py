@@ -4,6 +4,7 @@ provider its stop goes to, with the instance-scoped key."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from abfleet.worker.guardian import (
     Guardian,
     launch_file,
 )
-from abfleet.worker.rundir import RunDir
+from abfleet.worker.rundir import RunDir, pid_alive
 from abfleet.worker.selfstop import BoxTerms
 from fakevast import FakeVast
 
@@ -41,9 +42,21 @@ def fake():
     server.stop()
 
 
-def _instance(fake: FakeVast) -> dict:
+@pytest.fixture(autouse=True)
+def no_process_left(tmp_path):
+    """Whatever a test started from its box folder ends with it, passed or failed."""
+    yield
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(str(tmp_path) in part for part in proc.info["cmdline"] or []):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
+def _instance(fake: FakeVast, offer: int = 101) -> dict:
     status, answer = fake._create(
-        101,
+        offer,
         {k: "x" for k in ("client_id", "image", "label", "onstart", "runtype")}
         | {"env": {}, "disk": 10},
     )
@@ -89,6 +102,9 @@ def _start(run: RunDir, root: Path) -> subprocess.Popen:
         [str(root / "venv" / "bin" / "abfleet"), "worker", "run"], start_new_session=True
     )
     run.pid_file(0).write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + 10
+    while not pid_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the child has exec'd: before, its command line is pytest's
     return proc
 
 
@@ -208,7 +224,7 @@ def test_a_lease_holds_the_box_up_and_a_stale_one_does_not(tmp_path, fake):
 
 
 def test_an_instance_key_stops_only_its_own_instance(tmp_path, fake):
-    mine, other = _instance(fake), _instance(fake)
+    mine, other = _instance(fake, 101), _instance(fake, 102)
     root, run, env = _box(tmp_path, fake, other, DIES_AT_ONCE, stop_after_s=0.1)
     run.status_file(0).write_text(json.dumps({"state": "done"}))
     guard = Guardian(root, environ={**env, "CONTAINER_API_KEY": mine["_api_key"]})

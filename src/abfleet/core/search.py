@@ -281,15 +281,17 @@ def run_trials(
             # within the budget it already had.
             waiting = counts[TrialState.WAITING]
             trial = study.ask() if waiting or complete + running < n_trials else None
+            if trial is not None:
+                # A first beat at once: a trial with none is never found stale, so a worker
+                # killed before its heartbeat thread started would hold the budget forever.
+                storage.record_heartbeat(trial._trial_id)
         if trial is None:
             # The rest of the budget is being run by other workers: wait in case one dies.
             if on_wait is not None:
                 on_wait()
             time.sleep(poll_seconds)
             continue
-        if on_start is not None:
-            on_start(trial)
-        outcome = _run_one(study, storage, trial, n_layers, evaluate)
+        outcome = _run_one(study, storage, trial, n_layers, evaluate, on_start)
         if outcome.error is None:
             done_here += 1
             failures = 0
@@ -308,9 +310,12 @@ def _run_one(
     trial: optuna.Trial,
     n_layers: int,
     evaluate: Callable[[AblationParams], dict[str, Any]],
+    on_start: Callable[[optuna.Trial], None] | None = None,
 ) -> TrialOutcome:
     with heartbeat(storage, trial._trial_id):
         try:
+            if on_start is not None:  # inside: a signal here must not leave the trial running
+                on_start(trial)
             params = suggest_params(trial, n_layers)
             attrs = evaluate(params)
             for key, value in attrs.items():
