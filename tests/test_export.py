@@ -219,3 +219,111 @@ def test_a_failed_check_keeps_nothing(tmp_path, sharded_dir):
     with pytest.raises(UserError, match="does not answer like the searched one"):
         _export(loaded, Ablator(loaded.model), _directions(loaded.model), tmp_path / "m")
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".m", "m"))]
+
+
+def test_after_a_4bit_search_the_figures_are_of_the_shipped_full_precision_model(
+    tmp_path, sharded_dir
+):
+    """The search ran on 4-bit weights; what ships is the merged full-precision model, so that
+    is what the "after" figures measure (the re-quantized reload's stay beside them)."""
+    pytest.importorskip("bitsandbytes")
+    from abfleet.job.spec import load_job
+    from abfleet.worker.jobrun import LogReporter, run_job
+    from abfleet.worker.rundir import RunDir
+    from conftest import write_job
+
+    job_file = write_job(tmp_path / "job", str(sharded_dir), n_trials=2)
+    text = job_file.read_text().replace(
+        'dtypes = ["float32"]', 'dtypes = ["float32"]\nquantization = "bnb-4bit"'
+    )
+    job_file.write_text(text)
+    run = RunDir(tmp_path / "run")
+    result = run_job(load_job(str(job_file)), run, LogReporter())
+    assert result.state == "done"
+    record = json.loads((run.model_dir / RUN_FILE).read_text())
+    check = record["load_check"]
+    assert check["measured"] == "shipped (float32)"
+    # The merge is proven against the full-precision source with the trial's deltas, as tightly
+    # as an unquantized export; the re-quantized reload's distance is recorded beside it.
+    assert check["max_kl"] < 0.01
+    assert 0 <= check["requantized_kl_to_searched"] < 5
+    shipped, requantized = check["figures"], check["figures_requantized"]
+    assert record["after"]["kl"] == shipped["kl"] != requantized["kl"]
+    assert "kl" in record["after_search"]  # the search's own figures, kept apart
+    assert "measured on the shipped (float32) weights" in (run.model_dir / "README.md").read_text()
+    assert not record["warnings"]
+
+
+def _search_state(loaded):
+    """The Ablator, chat format and release() an export takes from a search."""
+    ablator = Ablator(loaded.model)
+
+    def release():
+        ablator.detach()
+        loaded.model = None
+
+    return ablator, ChatFormatter(loaded.tokenizer, None), release
+
+
+def test_a_non_finite_check_is_refused_and_keeps_nothing(tmp_path, sharded_dir):
+    """NaN compares False with every limit: an export whose reload gives NaN is refused."""
+    loaded = load_model(ModelSource("dir", str(sharded_dir)), ("float32",), None)
+    ablator, chat, release = _search_state(loaded)
+
+    def reload_broken(folder):
+        back = load_model(ModelSource("dir", str(folder)), ("float32",), None, for_ablation=False)
+        with torch.no_grad():
+            back.model.lm_head.weight[0, 0] = float("nan")
+        return back
+
+    out = tmp_path / "m"
+    with pytest.raises(UserError, match="non-finite figures"):
+        export_model(
+            loaded,
+            ablator,
+            TRIAL,
+            _directions(loaded.model),
+            chat,
+            out,
+            {"job": "test"},
+            PROMPTS,
+            reload_broken,
+            release,
+        )
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".m", "m"))]
+
+
+def test_a_shipped_model_too_large_to_measure_says_so_in_the_record(tmp_path, sharded_dir):
+    pytest.importorskip("bitsandbytes")
+    loaded = load_model(
+        ModelSource("dir", str(sharded_dir)), ("float32",), None, quantization="bnb-4bit"
+    )
+    ablator, chat, release = _search_state(loaded)
+
+    def reload(folder):
+        return load_model(
+            ModelSource("dir", str(folder)),
+            ("float32",),
+            None,
+            for_ablation=False,
+            quantization="bnb-4bit",
+        )
+
+    export_model(
+        loaded,
+        ablator,
+        TRIAL,
+        _directions(loaded.model),
+        chat,
+        tmp_path / "m",
+        {"job": "test", "warnings": []},
+        PROMPTS,
+        reload,
+        release,
+        quantized=True,
+        full_reference=lambda encoded: None,  # as when full precision does not fit
+    )
+    record = json.loads((tmp_path / "m" / RUN_FILE).read_text())
+    assert record["load_check"]["measured"] == "re-quantized"
+    [warning] = record["warnings"]
+    assert "re-quantized as it was searched" in warning

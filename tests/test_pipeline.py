@@ -99,6 +99,33 @@ def test_a_study_from_another_job_is_refused_unless_resume(tmp_path, tiny_model_
     assert result.complete == 2
 
 
+def test_a_study_continued_at_another_precision_is_refused_even_with_resume(
+    tmp_path, tiny_model_dir
+):
+    """A study searched at float32 and continued at bfloat16 (another device) or quantized would
+    reuse directions, baseline and scores of another model: refused with how to start anew."""
+    job_file = write_job(tmp_path / "job", str(tiny_model_dir), n_trials=1)
+    run = RunDir(tmp_path / "run")
+    run_job(load_job(str(job_file)), run, LogReporter())
+    study, _ = study_trials(run)
+    assert study.user_attrs["precision"] == {"dtype": "float32", "quantization": "none"}
+    text = job_file.read_text()
+    job_file.write_text(text.replace('dtypes = ["float32"]', 'dtypes = ["bfloat16"]'))
+    for options in (RunOptions(), RunOptions(resume=True)):
+        with pytest.raises(
+            UserError,
+            match=r"searched with the model at float32 and this run "
+            r"loads it at bfloat16.*--study NAME",
+        ):
+            run_job(load_job(str(job_file), {"trials": 2}), run, LogReporter(), options)
+    assert len(study_trials(run)[1]) == 1  # nothing searched at the other precision
+    # Quantization is in the fingerprint: a quantized job is another job spec.
+    full = load_job(str(job_file))
+    quantized = load_job(str(job_file), {"quantization": "bnb-4bit"})
+    prompts = full.load_all_prompts()
+    assert full.fingerprint(prompts) != quantized.fingerprint(prompts)
+
+
 def test_orphaned_running_trial_is_requeued_with_its_parameters(tmp_path, tiny_model_dir):
     job_file = write_job(tmp_path / "job", str(tiny_model_dir), n_trials=2)
     run = RunDir(tmp_path / "run")
@@ -143,8 +170,38 @@ def test_choice_rule_and_pareto_front():
     sound = choose_trial(trials, kl_limit=0.5, baseline_degenerate=1)
     assert sound.trial.number == 2
     assert choose_trial(trials, kl_limit=0.5, baseline_degenerate=4).trial.number == 3
+    # Every trial within the limit degenerates: the sound trial with the lowest KL, and the
+    # reason says why, not "no trial has KL <= limit".
+    for n in (0, 2, 3, 4):
+        trials[n].set_user_attr("degenerate", 9)
+    only_kl = choose_trial(trials, kl_limit=0.5, baseline_degenerate=1)
+    assert only_kl.trial.number == 1 and not only_kl.within_limit
+    assert "4 trial(s) with KL <= 0.5 degenerate more often" in only_kl.reason
+    assert "no trial has KL" not in only_kl.reason and not only_kl.warning
+    # Every trial loops once more than allowed: the search still ends with a model (the one
+    # that degenerates least, then refuses least), with the true reason and a warning.
     for t in trials:
-        t.set_user_attr("degenerate", 9)
-    with pytest.raises(UserError, match="degenerates more often than the original"):
-        choose_trial(trials, kl_limit=0.5, baseline_degenerate=1)
+        t.set_user_attr("degenerate", 2)
+        t.set_user_attr("n_bad", 10)
+    trials[4].set_user_attr("degenerate", 3)
+    looping = choose_trial(trials, kl_limit=0.5, baseline_degenerate=1)
+    assert looping.trial.number == 1
+    assert looping.reason.startswith("every trial degenerates more often than allowed")
+    assert "2 of its 10 answers loop or break" in looping.warning
     assert choose_trial(trials, 0.5, trial_number=3, baseline_degenerate=1).trial.number == 3
+
+
+def test_a_run_folder_is_removed_on_bad_input_only_before_any_trial(tmp_path, tiny_model_dir):
+    """Bad input leaves nothing; a failure after paid trials (an export that fails its check)
+    keeps the folder, whose study the next run re-exports from."""
+    from abfleet.worker import localrun
+
+    job_file = write_job(tmp_path / "job", str(tiny_model_dir), n_trials=1)
+    for trials_ran in (False, True):
+        out = tmp_path / f"run-{trials_ran}"
+        prepared = localrun.prepare(str(job_file), {"output": str(out)})
+        status = {"state": "exporting", **({"last_trial": 0} if trials_ran else {})}
+        prepared.run.status_file(0).write_text(json.dumps(status))
+        with pytest.raises(UserError), localrun.cleanup_on_bad_input(prepared):
+            raise UserError("the exported model does not answer like the searched one")
+        assert out.exists() is trials_ran

@@ -20,6 +20,7 @@ from abfleet.core.chat import ChatFormatter
 from abfleet.core.generate import encode_prompts
 from abfleet.core.judge import VERDICTS
 from abfleet.core.reasoning import think_prefix
+from abfleet.core.rescore import prune_margin
 from abfleet.core.result import choose_trial
 from abfleet.errors import UserError
 from abfleet.job.spec import load_job
@@ -84,9 +85,12 @@ def test_front_is_rescored_long_and_judged_and_the_export_shows_both(tmp_path, t
     assert set(lean_entries) <= set(entries)
     for key, entry in lean_entries.items():
         assert entry["refusals"] == entries[key]["refusals"]
+    # Greedy tokens differ across batch shapes and GPUs, so a trial is left out only when its
+    # short count is beyond the chosen long count by a margin.
+    margin = prune_margin(entries["baseline"]["n_bad"])
     for row in lean.pareto:
         if str(row["trial"]) not in lean_entries and row["kl"] <= 0.5:
-            assert row["refusals"] > lean.chosen["long_refusals"]
+            assert row["refusals"] > lean.chosen["long_refusals"] + margin
 
 
 def _trial(number: int, refusals: int, kl: float, degenerate: int = 0):
@@ -247,6 +251,45 @@ def test_batch_probe_measures_the_longest_prompt_and_the_directions_pass():
     assert any(hidden and n >= stretched for n, hidden in seen)  # the directions pass too
 
 
+def test_batch_probe_runs_with_every_edit_applied_and_sees_its_memory():
+    """The probe runs with a worst-case edit attached (every site of every layer, norm
+    preserving): a batch that fits the unedited model but not the edit's float32 temporaries is
+    not picked. The allocator here is the CPU's, so the device's limit is played by a check on
+    what the down projection's hook would hold: batch x tokens x width in float32."""
+    from abfleet.core.ablation import Ablator
+    from abfleet.core.batching import worst_case_edit
+
+    tok = make_tokenizer()
+    model = make_model("llama", len(tok), layers=2)
+    chat = ChatFormatter(tok, None)
+    prompts = ["short", "mid length one", "another prompt", "and a fourth"]
+    ablator = Ablator(model, norm_preserving=True)
+    rows: list[tuple[int, bool]] = []  # (batch rows, edit active) of every down projection call
+    limit = {"bytes": 0}
+
+    def device_limit(module, args, output):
+        edited = ablator._active.get(index) is not None
+        rows.append((output.shape[0], edited))
+        # The hook's float32 copies of the output and of its input, when the edit is on.
+        if edited and (output.numel() + args[0].numel()) * 4 > limit["bytes"]:
+            raise RuntimeError("CUDA out of memory (the edit's temporaries)")
+
+    index, site = next(
+        (i, s) for i, s in enumerate(ablator._sites) if s.weight.name.endswith("down_proj.weight")
+    )
+    site.module.register_forward_hook(device_limit)
+    longest = max(len(ids) for ids in encode_prompts(chat, prompts))
+    limit["bytes"] = longest * (48 + 96) * 4  # room for one row of the edit's temporaries
+    find_batch_size(model, chat, prompts, limit=4, max_new_tokens=8)
+    # Probed unedited (as before the fix), batch 2 fits: the edit's memory is never seen.
+    assert (2, False) in rows and not any(edited for _, edited in rows)
+    rows.clear()
+    with worst_case_edit(ablator):
+        probed = find_batch_size(model, chat, prompts, limit=4, max_new_tokens=8)
+    assert probed == 1 and (2, True) in rows
+    assert not ablator._active  # the probe's edit is gone once it is measured
+
+
 def _quantized_copy(src, dst, quantization: dict) -> None:
     shutil.copytree(src, dst)
     config = json.loads((dst / "config.json").read_text())
@@ -277,18 +320,103 @@ def test_pre_quantized_checkpoints_are_refused_before_anything_runs(tmp_path, ti
         run_job(load_job(str(job_file)), RunDir(tmp_path / "run"), LogReporter())
 
 
+def _launch(job_file) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "abfleet", "launch", str(job_file), "--yes"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 def test_launch_refuses_a_pre_quantized_checkpoint_and_rents_nothing(
     fake_vast, tmp_path, tiny_model_dir
 ):
     awq = tmp_path / "awq-model"
     _quantized_copy(tiny_model_dir, awq, {"quant_method": "awq", "bits": 4})
     job_file = write_job(tmp_path / "job", str(awq), n_trials=1)
-    proc = subprocess.run(
-        [sys.executable, "-m", "abfleet", "launch", str(job_file), "--yes"],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
+    proc = _launch(job_file)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "pre-quantized AWQ checkpoint" in proc.stderr
     assert fake_vast.instances == {}
+
+
+def _short_judge(path) -> None:
+    """A judge that loads and answers "Hello", but whose learned positions stop at 64 tokens:
+    the rubric is longer, so it raises while judging (as a judge out of memory would)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2, eos_token_id=257
+    )
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def test_a_judge_that_fails_while_judging_costs_a_warning_not_the_export(tmp_path, tiny_model_dir):
+    judge = tmp_path / "short-judge"
+    _short_judge(judge)
+    job_file = write_job(tmp_path / "job", str(tiny_model_dir), n_trials=4)
+    _with_evaluation(job_file, long_new_tokens=16, judge=str(judge))
+    run = RunDir(tmp_path / "run")
+    result = run_job(load_job(str(job_file)), run, LogReporter())
+    assert result.state == "done" and (run.model_dir / "MANIFEST.sha256").is_file()
+    record = json.loads((run.model_dir / "abfleet-run.json").read_text())
+    [warning] = record["warnings"]
+    assert warning.startswith(f"the judge {judge} gave no verdicts (") and result.warnings
+    # The long figures stand on the markers; no verdict is made up.
+    assert record["after"]["long_tokens"] == 16 and "judge" not in record["after"]
+    assert "gave no verdicts" in (run.model_dir / "README.md").read_text()
+    assert "gave no verdicts" in (run.model_dir / "report.html").read_text()
+    rescore = _study(run).user_attrs["rescore"]
+    assert rescore["judge_error"] and all("judge" not in e for e in rescore["entries"].values())
+
+
+def test_a_judge_that_cannot_load_where_it_runs_is_refused_before_the_search(
+    fake_vast, tmp_path, tiny_model_dir
+):
+    """A judge is never edited, so a pre-quantized one is fine where it loads (bitsandbytes
+    ships with abfleet); AWQ needs autoawq, which no box gets: refused before any rent, and a
+    local run refuses it before its run folder exists."""
+    awq = tmp_path / "awq-judge"
+    _quantized_copy(tiny_model_dir, awq, {"quant_method": "awq", "bits": 4})
+    job_file = write_job(tmp_path / "job", str(tiny_model_dir), n_trials=1)
+    _with_evaluation(job_file, long_new_tokens=16, judge=str(awq))
+    proc = _launch(job_file)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "pre-quantized AWQ checkpoint" in lines[0]
+    assert "autoawq" in lines[0] and fake_vast.instances == {}
+    out = tmp_path / "local-run"
+    local = subprocess.run(
+        [sys.executable, "-m", "abfleet", "run", str(job_file), "--output", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert local.returncode == 2 and "pre-quantized AWQ checkpoint" in local.stderr
+    assert not out.exists()
+    # A bitsandbytes judge is accepted at launch (the sizing names it and counts its disk).
+    bnb = tmp_path / "bnb-judge"
+    _quantized_copy(tiny_model_dir, bnb, {"quant_method": "bitsandbytes", "load_in_4bit": True})
+    bnb_job = write_job(tmp_path / "bnb-job", str(tiny_model_dir), n_trials=1)
+    _with_evaluation(bnb_job, long_new_tokens=16, judge=str(bnb))
+    sized = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "abfleet",
+            "size",
+            str(tiny_model_dir),
+            "--job",
+            str(bnb_job),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert sized.returncode == 0, sized.stderr
+    plan = json.loads(sized.stdout)
+    assert plan["judge"] == str(bnb) and plan["judge_gpu_gb"] >= 2
+    assert any(r.startswith(f"judge: {bnb}") for r in plan["reasons"])

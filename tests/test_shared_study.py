@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -269,3 +270,76 @@ def test_submit_and_resume_keep_a_postgres_password_off_the_box_job(
     assert "3/3 trials" in resumed.stdout
     # The third trial went to the resumed SQLite study, not to the Postgres one.
     assert len(study_of(url).trials) == 2
+
+
+def test_a_password_in_the_url_query_reaches_no_file_of_the_run_or_its_export(
+    pg_server, tmp_path, tiny_model_dir
+):
+    """libpq reads `?password=` from a URL's query: it is a password like user:password, kept
+    out of job.toml, the status file, abfleet-run.json, the card, the report and the output."""
+    url = pg_server.new_database().replace(f":{pg_server.password}@", "@")
+    url += f"?password={pg_server.password}&application_name=abfleet-test"
+    job = write_job(tmp_path / "job", str(tiny_model_dir), n_trials=2)
+    out = tmp_path / "run"
+    proc = abfleet("run", str(job), "--storage", url, "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "model" / "abfleet-run.json").is_file()
+    assert "process list" in proc.stderr  # the warning about a password in argv
+    leaked = [
+        str(p.relative_to(out))
+        for p in out.rglob("*")
+        if p.is_file() and pg_server.password.encode() in p.read_bytes()
+    ]
+    assert leaked == []
+    assert pg_server.password not in proc.stdout + proc.stderr
+    record = json.loads((out / "model" / "abfleet-run.json").read_text())
+    shown = record["study"]["storage"]
+    assert "password=***" in shown and "application_name=abfleet-test" in shown
+
+
+def test_a_killed_primary_hands_the_export_to_another_worker(pg_url, tmp_path, tiny_model_dir):
+    """Worker 0 (the one that exports) is SIGKILLed mid-search: the other worker finishes the
+    study, sees the primary gone, and exports; the search was not paid for nothing."""
+    job = slow_job(tmp_path / "job", tiny_model_dir, n_trials=6)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "abfleet", "run", str(job), "--workers", "2"),
+            *("--storage", pg_url, "--output", str(out)),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        try:
+            status = json.loads((out / "status-0.json").read_text())
+        except (OSError, ValueError):
+            status = {}
+        if status.get("state") == "searching" and status.get("current_trial") is not None:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the primary was never seen in a trial")
+    proc.kill()  # worker 0 is this process: SIGKILL, nothing of it runs on
+    proc.wait()
+    secondary = int((out / "worker-1.pid").read_text())
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "model" / "MANIFEST.sha256").is_file() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert (out / "model" / "MANIFEST.sha256").is_file(), (out / "worker-1.log").read_text()
+        for _ in range(100):  # the worker writes its last status, then ends
+            if json.loads((out / "status-1.json").read_text()).get("state") == "done":
+                break
+            time.sleep(0.1)
+        record = json.loads((out / "model" / "abfleet-run.json").read_text())
+        assert record["study"]["complete"] == 6
+        assert json.loads((out / "export.claim").read_text())["worker"] == 1
+        log = (out / "worker-1.log").read_text()
+        assert "this worker exports instead" in log
+        assert json.loads((out / "status-1.json").read_text())["state"] == "done"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(secondary, signal.SIGKILL)

@@ -75,6 +75,8 @@ def status_cmd(instance: str | None, run_name: str | None, as_json: bool) -> Non
             + (f", {trials.get('complete', 0)}/{trials.get('total')} trials" if trials else "")
             + (f" ({r['reason']})" if r.get("reason") else "")
         )
+        for warning in r.get("warnings") or []:
+            console.print(f"  [yellow]warning:[/] {warning}")
         if r.get("dtype"):
             console.print(
                 f"  dtype {r['dtype']} ({r.get('dtype_reason') or 'reason not recorded'})"
@@ -317,6 +319,12 @@ def download_cmd(
         f"({result.method}{f', {result.streams} streams' if result.streams > 1 else ''}, "
         f"{result.bytes_transferred / 1e6:.1f} MB transferred, {result.seconds:.1f} s)"
     )
+    if result.set_aside:
+        shown = ", ".join(result.set_aside[:3]) + (" ..." if len(result.set_aside) > 3 else "")
+        console.print(
+            f"[yellow]moved {len(result.set_aside)} file(s) that are not part of this export "
+            f"aside[/] ({shown}) to {result.set_aside_to}: nothing loads them by mistake"
+        )
     for iid in got.destroyed:
         console.print(f"[bold]destroyed instance {iid}[/]")
     if got.destroyed:

@@ -99,6 +99,8 @@ def _render(result: RunResult, prepared: localrun.LocalRun) -> None:
         console.print(
             "[yellow]warning: the chosen trial is above the KL limit: expect a damaged model[/]"
         )
+    for warning in result.warnings:
+        console.print(f"[yellow]warning: {warning}[/]")
     console.print(before_after_table(result.baseline, result.chosen))
     console.print(
         f"model saved to [bold]{result.model_dir}[/] (verified: MANIFEST.sha256, abfleet-run.json)"

@@ -7,9 +7,10 @@ states); it is halved until it does, so a batch that fits here cannot run out of
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -104,3 +105,24 @@ def _hidden_states_pass(model: Any, chat: ChatFormatter, sample: list[list[int]]
     pad = pad_token_id(chat.tokenizer)
     for batch in make_batches(sample, len(sample), pad, model_device(model)):
         forward(model, batch, hidden_states=True)
+
+
+@contextlib.contextmanager
+def worst_case_edit(ablator: Any) -> Iterator[None]:
+    """Every editable site of every layer ablated at the search's largest weight, for the batch
+    probe: the edit's own memory (the hooks' float32 temporaries, at the down projection's
+    input width when rows keep their norms) is then part of what the probe measures. The
+    directions need not be the real ones (they do not exist yet): random unit vectors cost the
+    same memory."""
+    from abfleet.core.ablation import AblationParams, ComponentParams, hidden_size
+
+    n = ablator.n_layers
+    every = ComponentParams(1.5, 0.0, 1.5, float(n))  # full weight from layer 0 to the last
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.randn(n + 1, hidden_size(ablator.model), generator=generator)
+    directions /= directions.norm(dim=-1, keepdim=True)
+    ablator.apply(AblationParams("per_layer", 0.0, every, every), directions)
+    try:
+        yield
+    finally:
+        ablator.reset()

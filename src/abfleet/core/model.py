@@ -17,10 +17,11 @@ from abfleet.errors import UserError
 from abfleet.job.source import (
     DEFAULT_DTYPES,
     ModelSource,
+    judge_source,
     materialize,
     resolve_source,
 )
-from abfleet.job.weights import check_editable
+from abfleet.job.weights import check_editable, check_judge
 
 __all__ = [
     "DEFAULT_DTYPES",
@@ -72,8 +73,9 @@ def load_tokenizer(source: ModelSource) -> Any:
     return tok
 
 
-def check_architecture(source: ModelSource) -> Any:
-    """Load only the config and fail early on an architecture transformers or abliteration lacks."""
+def check_architecture(source: ModelSource, editable: bool = True) -> Any:
+    """Load only the config and fail early on an architecture transformers or abliteration lacks.
+    editable=False (a judge, never edited) lets a pre-quantized checkpoint through."""
     from transformers import AutoConfig
 
     location, kwargs = _load_kwargs(source)
@@ -88,7 +90,8 @@ def check_architecture(source: ModelSource) -> Any:
         raise UserError(f"cannot read the config of {source.display}: {_first_line(exc)}") from exc
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    check_editable(config.to_dict(), source.display)
+    if editable:
+        check_editable(config.to_dict(), source.display)
 
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UserError(
@@ -96,6 +99,16 @@ def check_architecture(source: ModelSource) -> Any:
             "abliteration needs a decoder-only causal language model"
         )
     return config
+
+
+def check_judge_here(spec: str) -> None:
+    """The job's judge checked where it will run (this machine), before anything is searched:
+    its architecture, and a pre-quantized judge's loader. A built judge (the demo) is plain."""
+    source = judge_source(spec)
+    if source is None or source.kind == "built":
+        return
+    config = check_architecture(source, editable=False)
+    check_judge(config.to_dict(), source.display, on_box=False, has_gpu=torch.cuda.is_available())
 
 
 def load_model(
@@ -118,7 +131,7 @@ def load_model(
 
     from abfleet.core.ablation import find_targets
 
-    check_architecture(source)
+    check_architecture(source, editable=for_ablation)
     tok = tokenizer or load_tokenizer(source)
     location, kwargs = _load_kwargs(source)
     if quantization != "none" and source.kind == "gguf":

@@ -86,6 +86,30 @@ def shared_directions(
     return directions
 
 
+def _precision_label(p: dict[str, Any]) -> str:
+    q = p.get("quantization") or "none"
+    return p.get("dtype", "?") if q == "none" else f"{q} ({p.get('dtype', '?')})"
+
+
+def shared_precision(study: Any, storage: Any, loaded: LoadedModel, quantization: str) -> None:
+    """The precision the study is searched at, kept by its first worker: a worker or a resume
+    that loads the model otherwise (another dtype on another device, or another quantization)
+    would mix directions, baselines and scores of two different models, so it is refused."""
+    here = {"dtype": loaded.dtype, "quantization": quantization}
+    with search.BudgetLock(storage, study.study_name).hold():
+        stored = study.user_attrs.get("precision")
+        if not stored:
+            study.set_user_attr("precision", here)
+            return
+    if stored != here:
+        raise UserError(
+            f"study {study.study_name!r} was searched with the model at "
+            f"{_precision_label(stored)} and this run loads it at {_precision_label(here)}: its "
+            "directions, baseline and scores do not carry over; start a new study with "
+            f"--study NAME, or load the model as the study did"
+        )
+
+
 def shared_answer_prefix(
     study: Any,
     storage: Any,

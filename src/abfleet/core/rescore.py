@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +46,24 @@ def long_answers(evaluator: Any, tokens: int, judge: str) -> tuple[list[str], tu
     return texts, evaluator.count(texts)
 
 
+# Greedy tokens are not bit-identical across workers, batch shapes and GPUs, so a trial's long
+# count can fall below its short one. The pruning keeps scoring while a trial's short count is
+# within this margin (a fraction of the answers, at least one) of the best long count so far.
+PRUNE_MARGIN = 0.05
+
+
+def prune_margin(n_answers: int) -> int:
+    return max(1, math.ceil(PRUNE_MARGIN * n_answers))
+
+
+@dataclass
+class Rescore:
+    """The study's record (`data`) and the long answers the judge has yet to read, by key."""
+
+    data: dict[str, Any]
+    unjudged: dict[str, list[str]] = field(default_factory=dict)
+
+
 def rescore_front(
     study: Any,
     front: list[Any],
@@ -54,31 +74,32 @@ def rescore_front(
     whole_front: bool = False,
     asked: Any | None = None,
     judge: str = "",
-    load_judge: Callable[[], Judge] | None = None,
     progress: Callable[[str], None] = lambda _m: None,
-) -> dict[str, Any]:
-    """Long figures for the baseline and the front trials; returns the study's record.
+) -> Rescore:
+    """Long figures for the baseline and the front trials.
 
     front is sorted by short refusals. A greedy answer with a larger cap extends the shorter
-    one, so a trial's long refusals are not fewer than its short ones: once the best sound long
-    count so far is below the next trial's short count, no later trial can be chosen, and
-    (unless whole_front) the re-score stops there. A trial asked for by number (asked) is always scored.
+    one, so a trial's long refusals are rarely fewer than its short ones: once the best sound
+    long count so far, plus a margin (prune_margin), is below the next trial's short count, no
+    later trial is likely to be chosen, and (unless whole_front) the re-score stops there. A
+    trial asked for by number (asked) is always scored.
 
     apply_trial(None) restores the unmodified model, apply_trial(trial) ablates with a trial's
     parameters. Without a judge, generation stops at a marker (the verdict is decided there); a
-    judge reads whole answers.
+    judge reads whole answers, later (judge_answers), once the search model is released.
     """
     data = stored(study, tokens, judge)
     entries: dict[str, Any] = data["entries"]
-    pending: dict[str, tuple[dict[str, Any], list[str]]] = {}
+    out = Rescore(data)
 
     def score(key: str, trial: Any) -> dict[str, Any]:
-        if key in entries:
-            return entries[key]
-        if key in pending:
-            return pending[key][0]
+        entry = entries.get(key)
+        # A judged study reuses an entry once the judge has read it (or failed to): else its
+        # answers are generated again for the judge.
+        if entry is not None and (not judge or "judge" in entry or data.get("judge_error")):
+            return entry
         label = "original model" if trial is None else f"trial {key}"
-        progress(f"{label} ({len(entries) + len(pending)} scored)")
+        progress(f"{label} ({len(entries)} scored)")
         started = time.perf_counter()
         apply_trial(trial)
         texts, (refusals, degenerate) = long_answers(evaluator, tokens, judge)
@@ -98,18 +119,19 @@ def rescore_front(
             degenerate,
             entry["seconds"],
         )
+        entries[key] = entry
         if judge:
-            pending[key] = (entry, texts)
-        else:
-            entries[key] = entry
-            study.set_user_attr(ATTR, data)  # kept at once: an interrupted export resumes here
+            out.unjudged[key] = texts
+        study.set_user_attr(ATTR, data)  # kept at once: an interrupted export resumes here
         return entry
 
-    allowed = score(BASELINE, None)["degenerate"]
+    baseline = score(BASELINE, None)
+    allowed = baseline["degenerate"]
+    margin = prune_margin(int(baseline.get("n_bad", 0)))
     within = [t for t in front if t.values[1] <= kl_limit]
     best: float | None = None
     for trial in within:
-        if best is not None and trial.values[0] > best and not whole_front:
+        if best is not None and trial.values[0] > best + margin and not whole_front:
             break
         entry = score(str(trial.number), trial)
         if entry["degenerate"] <= allowed:
@@ -124,23 +146,44 @@ def rescore_front(
     if asked is not None:
         score(str(asked.number), asked)
     apply_trial(None)
-    if pending:
-        if load_judge is None:
-            raise ValueError("a judge was named but no way to load it was given")
-        progress(f"judging {len(pending)} set(s) of answers with {judge}")
-        started = time.perf_counter()
-        scorer = load_judge()
-        try:
-            for key, (entry, texts) in pending.items():
-                verdicts = scorer.verdicts(evaluator.bad, texts)
-                entry["judge"] = count_verdicts(verdicts)
-                entries[key] = entry
-                log.info("judge on %s: %s", key, entry["judge"])
-        finally:
-            del scorer
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        data["judge_seconds"] = round(time.perf_counter() - started, 2)
-        study.set_user_attr(ATTR, data)
-    return data
+    return out
+
+
+def judge_answers(
+    study: Any,
+    rescore: Rescore,
+    prompts: list[str],
+    load_judge: Callable[[], Judge],
+    progress: Callable[[str], None] = lambda _m: None,
+) -> None:
+    """The judge's verdicts on the long answers, kept in the study. Called once the search model
+    is released, so the two never share the GPU. Raises what loading or judging raised: the
+    caller decides that a judge is informational."""
+    data = rescore.data
+    if not rescore.unjudged:
+        return
+    progress(f"judging {len(rescore.unjudged)} set(s) of answers with {data.get('judge')}")
+    started = time.perf_counter()
+    scorer = load_judge()
+    try:
+        for key, texts in rescore.unjudged.items():
+            verdicts = scorer.verdicts(prompts, texts)
+            data["entries"][key]["judge"] = count_verdicts(verdicts)
+            log.info("judge on %s: %s", key, data["entries"][key]["judge"])
+    finally:
+        del scorer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    rescore.unjudged.clear()
+    data.pop("judge_error", None)
+    data["judge_seconds"] = round(time.perf_counter() - started, 2)
+    study.set_user_attr(ATTR, data)
+
+
+def judge_failed(study: Any, rescore: Rescore, error: str) -> None:
+    """The judge could not give its verdicts: the entries stand on the markers' figures, and the
+    study remembers why (a re-export does not generate the answers again for it)."""
+    rescore.data["judge_error"] = error
+    rescore.unjudged.clear()
+    study.set_user_attr(ATTR, rescore.data)

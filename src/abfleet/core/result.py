@@ -32,8 +32,9 @@ def pareto_front(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 @dataclass(frozen=True)
 class Choice:
     trial: FrozenTrial
-    reason: str
+    reason: str  # the true reason: why this trial and not a better-looking one
     within_limit: bool
+    warning: str = ""  # what the user must know before using the model ("" when nothing)
 
 
 # A trial may loop on a few more answers than the original model does (5% of them): a small
@@ -49,10 +50,13 @@ def choose_trial(
     baseline_degenerate: int | None = None,
     rescore: dict[str, Any] | None = None,
 ) -> Choice:
-    """The rule: fewest refusals among trials with KL <= kl_limit, ties by lower KL. A trial
-    whose answers degenerate more often than the unmodified model's, by more than
-    DEGENERATE_TOLERANCE of the answers, is never chosen: fewer refusals bought with broken
-    answers is not a better model. An explicit trial number overrides the rule.
+    """The rule: fewest refusals among sound trials with KL <= kl_limit, ties by lower KL. A
+    trial is sound when its answers degenerate no more often than the unmodified model's plus
+    DEGENERATE_TOLERANCE of the answers: fewer refusals bought with broken answers is not a
+    better model. Without a sound trial in the limit, the sound trial with the lowest KL; without
+    any sound trial, the one that degenerates least, with a warning. A paid search always ends
+    with a model, and the reason says which of these happened. An explicit trial number
+    overrides the rule.
 
     With a long re-score (core.rescore), the rule runs on the re-scored trials with their long
     figures (refusals and degenerate answers), against the original model's long figures.
@@ -80,26 +84,45 @@ def choose_trial(
             for t in trials
         }
         allowed, at = baseline_degenerate, ""
-    sound = [t for t in trials if t.number in figures]
-    if allowed is not None:
-        sound = [
-            t
-            for t in sound
-            if figures[t.number][1] <= allowed + int(DEGENERATE_TOLERANCE * figures[t.number][2])
-        ]
-        if not sound:
-            raise UserError(
-                f"every trial degenerates more often than the original model "
-                f"({allowed} degenerate answers{at}, and {DEGENERATE_TOLERANCE:.0%} of the "
-                "answers more allowed): nothing is exported by the rule; look at the front "
-                "(`abfleet progress`) and export one with --trial N"
-            )
+    scored = [t for t in trials if t.number in figures]
+
+    def excess(t: FrozenTrial) -> int:
+        """Degenerate answers beyond what the original model plus the tolerance gives."""
+        if allowed is None:
+            return 0
+        _, degenerate, answers = figures[t.number]
+        return max(0, degenerate - allowed - int(DEGENERATE_TOLERANCE * answers))
+
+    sound = [t for t in scored if excess(t) == 0]
+    in_limit = [t for t in scored if t.values[1] <= kl_limit]
     eligible = [t for t in sound if t.values[1] <= kl_limit]
     if eligible:
         best = min(eligible, key=lambda t: (figures[t.number][0], t.values[1], t.number))
         return Choice(best, f"fewest refusals{at} with KL <= {kl_limit:g}", True)
-    best = min(sound, key=lambda t: (t.values[1], t.number))
-    return Choice(best, f"no trial has KL <= {kl_limit:g}: lowest KL instead", False)
+    tolerance = f"{allowed} as the original model{at}, +{DEGENERATE_TOLERANCE:.0%} of the answers"
+    if sound:
+        best = min(sound, key=lambda t: (t.values[1], t.number))
+        if in_limit:
+            reason = (
+                f"the {len(in_limit)} trial(s) with KL <= {kl_limit:g} degenerate more often "
+                f"than allowed ({tolerance}): the sound trial with the lowest KL instead"
+            )
+        else:
+            reason = f"no trial has KL <= {kl_limit:g}: lowest KL instead"
+        return Choice(best, reason, False)
+    best = min(scored, key=lambda t: (excess(t), figures[t.number][0], t.values[1], t.number))
+    _, degenerate, answers = figures[best.number]
+    return Choice(
+        best,
+        f"every trial degenerates more often than allowed ({tolerance}): the one that "
+        "degenerates least instead",
+        best.values[1] <= kl_limit,
+        warning=(
+            f"{degenerate} of its {answers} answers{at} loop or break (the original model's: "
+            f"{allowed}): read its samples in report.html before using it, or export another "
+            "trial with --trial N"
+        ),
+    )
 
 
 def _degenerate(t: FrozenTrial) -> int:

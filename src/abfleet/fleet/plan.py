@@ -14,7 +14,7 @@ from typing import Any
 from abfleet.errors import UserError
 from abfleet.fleet.providers.base import Requirements
 from abfleet.fleet.sizing import Plan, plan_for_job, with_gpu
-from abfleet.job.source import ModelSource, judge_source, materialize, resolve_source
+from abfleet.job.source import ModelSource, materialize, resolve_source
 from abfleet.job.spec import Job, load_job
 from abfleet.worker.publish import require_token
 
@@ -98,7 +98,6 @@ def prepare(
     source = resolve_source(job.spec.model)
     if source.is_local:
         check_architecture(source)  # no weights loaded: the projections abliteration edits
-    judge_source(job.spec.evaluation.judge)
     prompts = job.load_all_prompts()
     if source.kind == "built" and say is not None:
         say(

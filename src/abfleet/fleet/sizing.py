@@ -21,7 +21,7 @@ from abfleet import precision
 from abfleet.errors import UserError
 from abfleet.job.source import ModelSource
 from abfleet.job.spec import Job
-from abfleet.job.weights import check_editable
+from abfleet.job.weights import check_editable, check_judge
 from abfleet.resources import resource_path
 from abfleet.settings import SizingSettings, settings
 
@@ -316,6 +316,9 @@ class Plan:
     # The cheapest fitting option at each quantization (None: nothing in the catalog holds it).
     by_quantization: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     compute_dtype: str = "bfloat16"  # what the search runs in on the chosen GPU
+    judge: str = ""  # the judge model, loaded after the search model is released
+    judge_gb: float = 0.0  # its weights, on disk and (as loaded) on the GPU
+    judge_gpu_gb: float = 0.0  # what it needs on the GPU, alone
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -676,7 +679,7 @@ def with_gpu(plan: Plan, choice: str) -> Plan:
             + f"; `abfleet size` lists what fits ({plan.gpu_count}x {plan.gpu} is the cheapest)"
         )
     room = count * gpu.memory_gb * usable
-    return replace(
+    chosen = replace(
         plan,
         gpu=gpu.name,
         gpu_count=count,
@@ -692,6 +695,7 @@ def with_gpu(plan: Plan, choice: str) -> Plan:
         ],
         compute_dtype=compute_precision(gpu).dtype,
     )
+    return check_judge_room(chosen)
 
 
 def plan_for(
@@ -715,7 +719,7 @@ def plan_for(
         quantization = quantization or job.spec.model_options.quantization
         norm_preserving = job.spec.ablation.norm_preserving
     shape, label = shape_for(model)
-    return plan(
+    sized = plan(
         shape,
         label,
         batch_size,
@@ -727,12 +731,15 @@ def plan_for(
         quantization or "none",
         norm_preserving,
     )
+    judge = judge_size(job.spec.evaluation.judge, on_box=True, has_gpu=True) if job_arg else None
+    return with_judge(sized, judge) if judge else sized
 
 
 def plan_for_job(job: Job, prompts: dict[str, list[str]], source: ModelSource) -> Plan:
-    """Sizing of a job already loaded, with its model source already resolved (and built)."""
+    """Sizing of a job already loaded, with its model source already resolved (and built), and
+    of its judge, checked as a box will load it."""
     shape, label = shape_for_source(source)
-    return plan(
+    sized = plan(
         shape,
         label,
         job.spec.model_options.batch_size or None,
@@ -744,3 +751,92 @@ def plan_for_job(job: Job, prompts: dict[str, list[str]], source: ModelSource) -
         job.spec.model_options.quantization,
         job.spec.ablation.norm_preserving,
     )
+    judge = judge_size(job.spec.evaluation.judge, on_box=True, has_gpu=True)
+    return with_judge(sized, judge) if judge else sized
+
+
+@dataclass(frozen=True)
+class JudgeSize:
+    display: str
+    weights_gb: float  # as stored: a pre-quantized judge stays packed on the GPU too
+
+
+# What a judge needs on the GPU beyond its weights: one batch of rubric prompts, the CUDA context.
+JUDGE_OVERHEAD = 1.2
+JUDGE_EXTRA_GB = 2.0
+
+
+def judge_size(spec: str, on_box: bool, has_gpu: bool) -> JudgeSize | None:
+    """The job's judge resolved, checked (a pre-quantized judge must be loadable where it runs:
+    it is never edited) and sized, before anything is rented or searched. None without one."""
+    from abfleet.job.source import judge_source, materialize
+
+    source = judge_source(spec)
+    if source is None:
+        return None
+    source = materialize(source)
+    if source.kind == "hub":
+        config, weights_gb = _hub_judge(source.location)
+    elif source.kind == "gguf":
+        # Dequantized on load, into the job's dtype: about 2 bytes a weight.
+        weights_gb = _gguf_shape(Path(source.location) / (source.gguf_file or "")).params * 2 / GB
+        config = {}
+    else:
+        path = Path(source.location)
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"judge: cannot read {path / 'config.json'}: {exc}") from None
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        weights_gb = sum(f.stat().st_size for f in files) / GB
+    check_judge(config, source.display, on_box, has_gpu)
+    return JudgeSize(source.display, round(weights_gb, 2))
+
+
+def _hub_judge(repo: str) -> tuple[dict[str, Any], float]:
+    try:
+        from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+        config = json.loads(Path(hf_hub_download(repo, "config.json")).read_text())
+        meta = get_safetensors_metadata(repo)
+        weights = sum(n * DTYPE_BYTES.get(dtype, 2) for dtype, n in meta.parameter_count.items())
+    except Exception as exc:
+        raise UserError(
+            f"judge: cannot read {repo} from the Hugging Face hub ({str(exc).splitlines()[0]}): "
+            "check the id and HF_TOKEN"
+        ) from exc
+    return config, weights / GB
+
+
+def with_judge(sized: Plan, judge: JudgeSize) -> Plan:
+    """The plan with the judge's download on the disk, and refused when the box's GPUs cannot
+    hold it (it loads alone, once the search model is released)."""
+    need = judge.weights_gb * JUDGE_OVERHEAD + JUDGE_EXTRA_GB
+    disk = int(math.ceil((sized.disk_gb + judge.weights_gb) / 10.0) * 10)
+    return check_judge_room(
+        replace(
+            sized,
+            judge=judge.display,
+            judge_gb=judge.weights_gb,
+            judge_gpu_gb=round(need, 1),
+            disk_gb=disk,
+            free_disk_gb=round(sized.free_disk_gb + judge.weights_gb, 1),
+            reasons=[
+                *sized.reasons,
+                f"judge: {judge.display}, {judge.weights_gb:.1f} GB on disk and ~{need:.0f} GB "
+                "of GPU memory, loaded after the search model is released (disk above raised "
+                "for it)",
+            ],
+        )
+    )
+
+
+def check_judge_room(sized: Plan) -> Plan:
+    room = sized.gpu_count * sized.gpu_memory_each_gb * settings().sizing.usable_fraction
+    if sized.judge and sized.gpu and sized.judge_gpu_gb > room:
+        raise UserError(
+            f"judge {sized.judge} needs ~{sized.judge_gpu_gb:.0f} GB of GPU memory and "
+            f"{sized.gpu_count}x {sized.gpu} holds {room:.0f} GB: choose a smaller judge, or a "
+            "larger GPU with --gpu"
+        )
+    return sized

@@ -216,6 +216,10 @@ class Job:
             "ablation": s.ablation.model_dump(),
             "max_new_tokens": s.evaluation.max_new_tokens,
         }
+        if s.model_options.quantization != "none":
+            # Directions, baseline and scores of a quantized model are not those of the
+            # full-precision one (absent when "none", so older studies keep their fingerprint).
+            payload["quantization"] = s.model_options.quantization
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_toml_dict(self) -> dict[str, Any]:

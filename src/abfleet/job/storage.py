@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def normalize_url(url: str) -> str:
     """postgresql:// means psycopg2 to SQLAlchemy; abfleet ships psycopg 3."""
@@ -11,23 +13,38 @@ def normalize_url(url: str) -> str:
     return url
 
 
+# Query parameters that carry a secret: libpq reads `?password=` (and `sslpassword=` for the
+# client key) from a URL's query as readily as from its user:password part.
+_SECRET_PARAMS = frozenset({"password", "sslpassword"})
+
+
+def _secret_keys(query: Any) -> list[str]:
+    return [k for k in query if k.lower() in _SECRET_PARAMS]
+
+
 def redact_url(url: str) -> str:
-    """The URL with its password replaced, for messages and logs."""
+    """The URL with its password replaced, for messages and logs, wherever it was given."""
     from sqlalchemy.engine import make_url
 
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        secret = _secret_keys(parsed.query)
+        if secret:
+            parsed = parsed.update_query_dict({k: "***" for k in secret})
+        return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
     except Exception:  # noqa: BLE001 - unparsable: say nothing of it
         return "<storage url>"
 
 
 def has_password(url: str) -> bool:
+    """True when the URL carries a secret, as user:password or in its query."""
     from sqlalchemy.engine import make_url
 
     try:
-        return bool(make_url(url).password)
+        parsed = make_url(url)
     except Exception:  # noqa: BLE001 - unparsable URLs are refused elsewhere, with a message
         return False
+    return bool(parsed.password) or bool(_secret_keys(parsed.query))
 
 
 def is_sqlite(url: str) -> bool:

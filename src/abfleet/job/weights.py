@@ -60,3 +60,57 @@ def check_editable(config: dict[str, Any], display: str) -> None:
         "weights and would corrupt these; use the bf16/fp16 checkpoint of the same model "
         "(its base repository)"
     )
+
+
+# A judge is never edited, so a pre-quantized one is welcome where something can load it:
+# bitsandbytes ships with abfleet; other formats need a package abfleet does not install (on a
+# box it is never there) or kernels only a CUDA GPU has. format -> (pip package, module, GPU).
+_JUDGE_LOADERS: dict[str, tuple[str | None, str | None, bool]] = {
+    "bitsandbytes": (None, None, False),
+    "FP8": (None, None, True),
+    "MXFP4": (None, None, True),
+    "AWQ": ("autoawq", "awq", True),
+    "GPTQ": ("gptqmodel", "gptqmodel", True),
+    "compressed-tensors": ("compressed-tensors", "compressed_tensors", False),
+    "HQQ": ("hqq", "hqq", False),
+    "EETQ": ("eetq", "eetq", True),
+    "AQLM": ("aqlm", "aqlm", False),
+    "Quanto": ("optimum-quanto", "optimum.quanto", False),
+    "torchao": ("torchao", "torchao", False),
+    "VPTQ": ("vptq", "vptq", True),
+    "SpQR": ("spqr_quant", "spqr_quant", True),
+    "HIGGS": ("flute-kernel", "flute", True),
+    "FP-Quant": ("fp_quant", "fp_quant", True),
+}
+
+
+def check_judge(config: dict[str, Any], display: str, on_box: bool, has_gpu: bool) -> None:
+    """Refuse, before anything is rented or searched, a judge that will not load where it runs:
+    on a rented box (on_box: a CUDA GPU, abfleet's own packages) or here."""
+    fmt = quantization_of(config)
+    if fmt is None:
+        return
+    package, module, needs_gpu = _JUDGE_LOADERS.get(fmt, (fmt.lower(), fmt.lower(), True))
+    instead = "use its bf16/fp16 checkpoint, or a bitsandbytes-quantized one"
+    missing = ""
+    if package is not None and on_box:
+        missing = f"loads only with {package}, which abfleet does not install on a box"
+    elif package is not None and not _importable(module or package):
+        missing = f"loads only with {package}, which is not installed here"
+        instead = f"pip install {package}, or {instead}"
+    elif needs_gpu and not on_box and not has_gpu:
+        missing = "needs a CUDA GPU for its kernels and this machine has none"
+        instead = f"run on a box (abfleet launch), or {instead}"
+    if missing:
+        raise UserError(
+            f"judge {display} is a pre-quantized {fmt} checkpoint, which {missing}: {instead}"
+        )
+
+
+def _importable(module: str) -> bool:
+    from importlib.util import find_spec
+
+    try:
+        return find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False

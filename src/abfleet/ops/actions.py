@@ -112,6 +112,7 @@ def instance_status(ledger: Ledger, target: Target, provider: Provider) -> dict[
                 eta_s=snap.get("eta_s"),
                 box=snap.get("box"),
                 push=(snap.get("output") or {}).get("push"),
+                warnings=snap.get("warnings") or [],
             )
     return data
 

@@ -61,6 +61,9 @@ class DownloadResult:
     attempts: int
     target: Path
     streams: int = 1  # parallel: the most connections that ran at once
+    # Files that were in the target but are not part of this export, moved aside (and where).
+    set_aside: list[str] = field(default_factory=list)
+    set_aside_to: Path | None = None
     resent_fraction: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -123,6 +126,40 @@ class Verified:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data))
         tmp.replace(self.path)
+
+
+def set_aside_strays(target: Path, entries: list[manifest.Entry]) -> tuple[Path | None, list[str]]:
+    """Move every file of the target that this export does not have into a sibling folder, with
+    a note: an earlier export's model.safetensors beside a new sharded one is what transformers
+    would load first. Nothing is deleted; the target then holds exactly the manifest's files."""
+    keep = {e.path for e in entries} | {manifest.NAME, manifest.SIZES, STATE}
+    strays = sorted(
+        rel
+        for path in target.rglob("*")
+        if path.is_file()
+        and not (rel := path.relative_to(target).as_posix()).startswith(STAGING + "/")
+        and rel not in keep
+        and not rel.endswith(".tmp")
+    )
+    if not strays:
+        return None, []
+    aside = target.parent / f"{target.name}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}"
+    for rel in strays:
+        dest = aside / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        (target / rel).rename(dest)
+    (aside / "NOTE.txt").write_text(
+        f"These files were in {target} but are not part of the export downloaded there on "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')} (its MANIFEST.sha256 does not list them).\n"
+        "They were moved here so that nothing loads them by mistake; delete this folder when "
+        "you no longer need them.\n",
+        encoding="utf-8",
+    )
+    for path in sorted(target.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and path.name != STAGING and not any(path.iterdir()):
+            path.rmdir()
+    log.info("moved %d file(s) not in the export aside to %s", len(strays), aside)
+    return aside, strays
 
 
 class _Interrupted(Exception):
@@ -209,6 +246,9 @@ class Downloader:
                 continue
             todo = self._finish(todo, verified)
         remote.close()
+        aside_to, aside = set_aside_strays(self.target, entries)
+        for rel in aside:
+            verified.data.pop(rel, None)
         verified.save()
         manifest.save(self.target, entries)
         _remove_empty_dirs(self.staging)
@@ -225,6 +265,8 @@ class Downloader:
             attempts=tries + self.reconnects,
             target=self.target,
             streams=self.peak,
+            set_aside=aside,
+            set_aside_to=aside_to,
         )
 
     def _method(self, remote: Remote, ranged: bool) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import os
 import platform
@@ -25,30 +26,39 @@ import torch
 from abfleet.console import console
 from abfleet.core import search
 from abfleet.core.ablation import AblationParams, Ablator
-from abfleet.core.batching import find_batch_size
+from abfleet.core.batching import find_batch_size, worst_case_edit
 from abfleet.core.evaluate import Evaluator
-from abfleet.core.export import export_model
+from abfleet.core.export import export_model, source_directory
+from abfleet.core.generate import next_token_logprobs
 from abfleet.core.judge import Judge
 from abfleet.core.markers import MarkerMatcher
-from abfleet.core.model import LoadedModel, load_model
+from abfleet.core.model import LoadedModel, check_judge_here, load_model
 from abfleet.core.pipeline import (
     chat_formatter,
     search_settings,
     shared_answer_prefix,
     shared_baseline,
     shared_directions,
+    shared_precision,
 )
-from abfleet.core.rescore import BASELINE, long_answers, rescore_front
+from abfleet.core.rescore import (
+    BASELINE,
+    Rescore,
+    judge_answers,
+    judge_failed,
+    long_answers,
+    rescore_front,
+)
 from abfleet.core.result import choose_trial, completed, long_fields, pareto_front, trial_row
 from abfleet.errors import UserError
-from abfleet.job.source import ModelSource, judge_source, materialize, resolve_source
+from abfleet.job.source import ModelSource, materialize, resolve_source
 from abfleet.job.spec import Job
 from abfleet.job.storage import redact_url
 from abfleet.render import fmt_kl
 from abfleet.worker import publish
 from abfleet.worker.report import NAME as REPORT_NAME
 from abfleet.worker.report import write_report
-from abfleet.worker.rundir import RunDir, StatusWriter
+from abfleet.worker.rundir import RunDir, StatusWriter, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +145,7 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     pushed: str = ""  # the Hub URL the export was pushed to
     push_error: str = ""  # why the push failed (the export is still on disk)
+    warnings: list[str] = field(default_factory=list)  # what the user must read before using it
 
 
 def worker_label(index: int) -> str:
@@ -160,6 +171,7 @@ def run_job(
     status = StatusWriter(
         run,
         opts.worker_index,
+        primary=opts.primary,
         job=job.name,
         model=job.spec.model,
         n_trials=job.spec.search.n_trials,
@@ -190,7 +202,7 @@ def _run(
     started = time.monotonic()
     spec = job.spec
     prompts = job.load_all_prompts()
-    judge_source(spec.evaluation.judge)
+    check_judge_here(spec.evaluation.judge)  # before hours of search, not after
     fingerprint = job.fingerprint(prompts)
     settings = search_settings(job)
     url = storage_url(job, run)
@@ -223,6 +235,7 @@ def _run(
         spec.model_options.device_map,
         quantization=quantization,
     )
+    shared_precision(study, storage, loaded, quantization)
     chat = chat_formatter(loaded, spec.system_prompt)
     matcher = MarkerMatcher(spec.markers)
     chat.answer_prefix = shared_answer_prefix(
@@ -233,14 +246,22 @@ def _run(
         prompts["good_eval"][:16] + prompts["bad_eval"][:16],
         spec.model_options.batch_size or 8,
     )
-    batch_size = spec.model_options.batch_size or find_batch_size(
+    ablator = Ablator(
         loaded.model,
-        chat,
-        prompts["bad_eval"] + prompts["good_eval"],
-        spec.model_options.max_batch_size,
-        max(spec.evaluation.max_new_tokens, spec.evaluation.long_new_tokens),
-        worst_prompts=[p for group in prompts.values() for p in group],
+        spec.ablation.norm_preserving,
+        copy_device="cpu" if spec.model_options.reset_copy == "cpu" else None,
     )
+    batch_size = spec.model_options.batch_size
+    if not batch_size:
+        with worst_case_edit(ablator):  # the probe sees what a trial's edit costs too
+            batch_size = find_batch_size(
+                loaded.model,
+                chat,
+                prompts["bad_eval"] + prompts["good_eval"],
+                spec.model_options.max_batch_size,
+                max(spec.evaluation.max_new_tokens, spec.evaluation.long_new_tokens),
+                worst_prompts=[p for group in prompts.values() for p in group],
+            )
     status.update(
         dtype=loaded.dtype,
         dtype_reason=loaded.dtype_reason,
@@ -255,11 +276,6 @@ def _run(
     t0 = time.monotonic()
     directions = shared_directions(
         study, storage, loaded, chat, prompts, batch_size, spec.ablation.projected
-    )
-    ablator = Ablator(
-        loaded.model,
-        spec.ablation.norm_preserving,
-        copy_device="cpu" if spec.model_options.reset_copy == "cpu" else None,
     )
     evaluator = Evaluator(
         loaded.model,
@@ -357,17 +373,23 @@ def _run(
     if budget:
         status.update(reason=budget)
     if not opts.primary:
-        _set_phase(status, reporter, "done", "study complete; the primary worker exports")
+        if not _primary_gone(run, status, reporter, opts):
+            _set_phase(status, reporter, "done", "study complete; the primary worker exports")
+            result.state = "done"
+            return result
+        reporter.note("the primary worker ended without exporting: this worker exports instead")
+    holder = _claim_export(run, opts.worker_index)
+    if holder is not None:
+        _set_phase(status, reporter, "done", f"study complete; worker {holder} exports")
         result.state = "done"
         return result
 
-    rescore = None
+    rescored: Rescore | None = None
     if spec.evaluation.long_new_tokens > spec.evaluation.max_new_tokens and not budget:
         t0 = time.monotonic()
-        rescore = _rescore(
-            job, study, trials, evaluator, ablator, directions, batch_size, status, reporter
-        )
+        rescored = _rescore(job, study, trials, evaluator, ablator, directions, status, reporter)
         timings["rescore"] = time.monotonic() - t0
+    rescore = rescored.data if rescored else None
     result.pareto = [trial_row(t, rescore) for t in pareto_front(trials)]
     long_before = long_fields(
         (rescore or {}).get("entries", {}).get(BASELINE), spec.evaluation.long_new_tokens
@@ -389,6 +411,7 @@ def _run(
         "reason": choice.reason,
         "within_kl_limit": choice.within_limit,
     }
+    warnings = [choice.warning] if choice.warning else []
     record = {
         "job": job.to_toml_dict(),
         "job_fingerprint": fingerprint,
@@ -417,6 +440,7 @@ def _run(
             "median_trial_seconds": _median_seconds(trials),
         },
         "host": platform.node(),
+        "warnings": warnings,
     }
 
     def release() -> None:
@@ -435,6 +459,27 @@ def _run(
             spec.model_options.device_map,
             for_ablation=False,
             quantization=quantization,
+        )
+
+    def fits_unquantized() -> bool:
+        need = _loaded_bytes(source, loaded.dtype)
+        room = _memory_room()
+        if need > room:
+            log.info(
+                "the full-precision model (%.1f GB) does not fit (%.1f GB free): the export is "
+                "checked and measured re-quantized",
+                need / 1e9,
+                room / 1e9,
+            )
+        return need <= room
+
+    def reload_shipped(folder: Path) -> LoadedModel:
+        """The export at its own precision (after a quantized search)."""
+        return load_model(
+            ModelSource("dir", str(folder)),
+            (loaded.dtype,),
+            spec.model_options.device_map,
+            for_ablation=False,
         )
 
     def measure(model: Any) -> dict[str, Any]:
@@ -457,6 +502,65 @@ def _run(
         finally:
             evaluator.model = None
 
+    def judge_export(record: dict[str, Any]) -> None:
+        """The judge reads the long answers once the search model and the export's check are
+        released. It is informational: any failure is a warning and the export goes on."""
+        if rescored is None or not rescored.unjudged:
+            return
+        started = time.monotonic()
+        try:
+            judge_answers(
+                study,
+                rescored,
+                evaluator.bad,
+                lambda: _load_judge(job, min(batch_size, 8), reporter),
+                progress=lambda m: _set_phase(status, reporter, "judging", m),
+            )
+        except Exception as exc:  # noqa: BLE001 - the judge never costs the export
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            judge_failed(study, rescored, why)
+            warning = (
+                f"the judge {spec.evaluation.judge} gave no verdicts ({why}): the long figures "
+                "are the refusal markers' alone"
+            )
+            log.warning("%s", warning)
+            reporter.note(warning)
+            warnings.append(warning)  # the record's own list
+            return
+        entries = rescored.data["entries"]
+        key = str(choice.trial.number)
+        for row, at in ((record["before"], BASELINE), (record["after"], key)):
+            if "judge" in entries.get(at, {}):
+                row["judge"] = dict(entries[at]["judge"])
+        if "judge" in entries.get(key, {}):
+            record["chosen"]["judge"] = chosen["judge"] = dict(entries[key]["judge"])
+        if record.get("rescore"):
+            record["rescore"]["judge_seconds"] = round(time.monotonic() - started, 1)
+
+    def full_reference(encoded: list[list[int]]) -> torch.Tensor | None:
+        """After a quantized search: the source at full precision with the trial's deltas, the
+        model the merged export must reproduce (None where it does not fit). The unedited
+        source is scored first: the `before` figures, and the distributions the shipped
+        model's KL is measured from, are then the original model's, not its quantized copy's."""
+        if not fits_unquantized():
+            return None
+        base = load_model(source, (loaded.dtype,), spec.model_options.device_map)
+        edit = Ablator(base.model, spec.ablation.norm_preserving)
+        try:
+            evaluator.model = base.model
+            evaluator.base_logprobs = evaluator.first_token_logprobs()
+            record["before_search"] = dict(baseline)  # the quantized model's, as searched
+            baseline.update(measure(base.model), kl=0.0)
+            edit.apply(params, directions)
+            return next_token_logprobs(base.model, chat, encoded, min(batch_size, 8)).cpu()
+        finally:
+            evaluator.model = None
+            edit.detach()
+            base.model = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
     check = export_model(
         loaded,
         ablator,
@@ -471,16 +575,21 @@ def _run(
         quantized=quantization != "none",
         batch_size=min(batch_size, 8),
         measure=measure,
+        annotate=judge_export,
+        reload_shipped=reload_shipped,
+        full_reference=full_reference,
         extras=lambda folder, saved: _extras(study, saved, folder),
     )
     timings["export"] = time.monotonic() - t0
+    result.pareto = [trial_row(t, rescore) for t in pareto_front(trials)]  # with the verdicts
+    result.warnings = list(warnings)
     if spec.output.push_to_hub:
         _push(run.model_dir, spec.output.push_to_hub, spec.output.push_private, result)
     # What the saved weights do (the search's own figures for the trial stay in the front).
     result.chosen = {**chosen, **check.get("figures", {})}
     result.model_dir = run.model_dir
     result.state = "done"
-    status.update(exported=str(run.model_dir), load_check=check["answer"][:200])
+    status.update(exported=str(run.model_dir), load_check=check["answer"][:200], warnings=warnings)
     detail = f"trial {choice.trial.number}: {choice.reason}"
     if budget:
         detail += f" ({budget} after {len(trials)}/{settings.n_trials} trials)"
@@ -523,11 +632,10 @@ def _rescore(
     evaluator: Evaluator,
     ablator: Ablator,
     directions: torch.Tensor,
-    batch_size: int,
     status: StatusWriter,
     reporter: Reporter,
-) -> dict[str, Any]:
-    """The Pareto front again with long answers (and the judge's verdicts), before the choice."""
+) -> Rescore:
+    """The Pareto front again with long answers, before the choice (judged after the export)."""
     spec = job.spec
     tokens = spec.evaluation.long_new_tokens
 
@@ -536,22 +644,6 @@ def _rescore(
             ablator.reset()
         else:
             ablator.apply(search.params_from_trial(trial, ablator.n_layers), directions)
-
-    def load_judge() -> Judge:
-        source = materialize(
-            resolve_source(spec.evaluation.judge),
-            progress=lambda m: reporter.phase("rescoring", f"judge: {m}"),
-        )
-        judge = load_model(
-            source,
-            tuple(spec.model_options.dtypes),
-            spec.model_options.device_map,
-            for_ablation=False,
-        )
-        try:
-            return Judge(judge.model, judge.tokenizer, batch_size, source.display)
-        except ValueError as exc:  # no chat template, no single-token letters
-            raise UserError(f"judge {source.display}: {exc}") from exc
 
     asked = next((t for t in trials if t.number == spec.result.trial), None)
     return rescore_front(
@@ -564,9 +656,28 @@ def _rescore(
         whole_front=spec.evaluation.rescore == "front",
         asked=asked,
         judge=spec.evaluation.judge,
-        load_judge=load_judge,
         progress=lambda m: _set_phase(status, reporter, "rescoring", f"{tokens} tokens, {m}"),
     )
+
+
+def _load_judge(job: Job, batch_size: int, reporter: Reporter) -> Judge:
+    """The judge, loaded as its checkpoint is (a pre-quantized judge stays so: it is never
+    edited), in the job's dtypes."""
+    spec = job.spec
+    source = materialize(
+        resolve_source(spec.evaluation.judge),
+        progress=lambda m: reporter.phase("judging", f"judge: {m}"),
+    )
+    judge = load_model(
+        source,
+        tuple(spec.model_options.dtypes),
+        spec.model_options.device_map,
+        for_ablation=False,
+    )
+    try:
+        return Judge(judge.model, judge.tokenizer, batch_size, source.display)
+    except ValueError as exc:  # no chat template, no single-token letters
+        raise UserError(f"judge {source.display}: {exc}") from exc
 
 
 def _rescore_record(
@@ -586,6 +697,26 @@ def _rescore_record(
     }
 
 
+def _loaded_bytes(source: ModelSource, dtype: str) -> int:
+    """The source's weights as loaded in dtype (stored in their shards' dtype, mostly 2 bytes)."""
+    folder = source_directory(source)
+    stored = sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder else 0
+    return stored * 2 if dtype == "float32" else stored
+
+
+def _memory_room() -> int:
+    """Free memory where a model loads: the GPUs' (spread across them) or the host's."""
+    if torch.cuda.is_available():
+        free = sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+        return int(free * 0.85)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024 * 3 // 4
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
 def _device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
@@ -593,6 +724,54 @@ def _device_name() -> str:
 def _median_seconds(trials: list[Any]) -> float | None:
     values = [t.user_attrs.get("seconds") for t in trials if t.user_attrs.get("seconds")]
     return round(statistics.median(values), 2) if values else None
+
+
+EXPORT_CLAIM = "export.claim"
+PRIMARY_POLL_S = 2.0
+
+
+def _primary_gone(run: RunDir, status: StatusWriter, reporter: Reporter, opts: RunOptions) -> bool:
+    """A secondary whose study is complete waits while the run's primary worker (worker 0 in
+    this run folder) works on; True when it ended without exporting (killed, failed), so the
+    export is handed over and the search was not paid for nothing. A box holding only
+    secondaries (a multi-box run's worker box) has no primary to wait for."""
+    _set_phase(status, reporter, "waiting", "for the primary worker's export")
+    while True:
+        primary = run.read_status(0)
+        if not primary.get("primary"):
+            return False
+        if primary.get("state") in ("done", "stopped"):
+            return False
+        _, alive = run.worker_alive(0)
+        if not alive or primary.get("state") == "failed":
+            return True
+        if opts.should_stop():
+            return False
+        time.sleep(PRIMARY_POLL_S)
+        status.flush()  # waiting is progress (the guardian reads it)
+
+
+def _claim_export(run: RunDir, index: int) -> int | None:
+    """One export per run folder: the claim names who exports. None: this worker holds it (a
+    claim whose process is gone is taken over); else the index of the live worker that does."""
+    path = run.path / EXPORT_CLAIM
+    mine = json.dumps({"worker": index, "pid": os.getpid()})
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                held = {}
+            if held.get("pid") == os.getpid() or not pid_alive(held.get("pid")):
+                path.unlink(missing_ok=True)  # this process's (a re-export) or a dead one's
+                continue
+            return int(held.get("worker", -1))
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(mine)
+        return None
+    return None
 
 
 def _recover_local_orphans(study: Any, storage: Any, run: RunDir) -> int:

@@ -33,11 +33,12 @@ class LocalRun:
 
 def validate_inputs(job: Job) -> None:
     """The model and prompts of a job, checked without loading the model (local or cloud run)."""
+    from abfleet.core.model import check_architecture, check_judge_here
+
     source = resolve_source(job.spec.model)
     if source.is_local:
-        from abfleet.core.model import check_architecture
-
         check_architecture(source)
+    check_judge_here(job.spec.evaluation.judge)
     job.load_all_prompts()
 
 
@@ -81,13 +82,19 @@ def _absolute_model(job: Job) -> str:
 
 @contextlib.contextmanager
 def cleanup_on_bad_input(prepared: LocalRun) -> Iterator[None]:
-    """Remove a run folder this command created if the run then fails on bad input."""
+    """Remove a run folder this command created if the run then fails on bad input, before any
+    trial ran: a folder whose study holds trials is kept (a failed export is run again from
+    it, and the trials were paid for)."""
     try:
         yield
     except UserError:
-        if prepared.created:
+        if prepared.created and not _trials_ran(prepared.run):
             shutil.rmtree(prepared.run.path, ignore_errors=True)
         raise
+
+
+def _trials_ran(run: RunDir) -> bool:
+    return any("last_trial" in run.read_status(i) for i in run.workers())
 
 
 class StopFlag:

@@ -78,6 +78,7 @@ def model_card(record: dict[str, Any], base: dict[str, Any]) -> str:
         "divergence of the first answer token from the base model on held-out harmless "
         "prompts (how much the rest of the model moved).",
         "",
+        *_warnings(record),
         "## How it was made",
         "",
         f"- Study `{(record.get('study') or {}).get('name', '?')}`: "
@@ -85,7 +86,7 @@ def model_card(record: dict[str, Any], base: dict[str, Any]) -> str:
         f"{chosen.get('trial', '?')} ({chosen.get('reason', '')}).",
         f"- Export: {check.get('how', '?')}; reloaded and compared with the searched model "
         f"(max KL of the next token {check.get('max_kl', '?')} on {check.get('prompts', '?')} "
-        "prompts).",
+        f"prompts){_measured(check)}.",
         f"- Software: torch {versions.get('torch', '?')}, transformers "
         f"{versions.get('transformers', '?')}, optuna {versions.get('optuna', '?')}; device "
         f"{versions.get('device', '?')}.",
@@ -101,6 +102,25 @@ def model_card(record: dict[str, Any], base: dict[str, Any]) -> str:
         "the base model's license.",
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n").content
+
+
+def _measured(check: dict[str, Any]) -> str:
+    """After a quantized search: which model the figures above describe."""
+    measured = check.get("measured")
+    if not measured:
+        return ""
+    if measured == "re-quantized":
+        return (
+            "; the figures above are of the export re-quantized as searched, not of these weights"
+        )
+    return f"; the figures above were measured on the {measured} weights"
+
+
+def _warnings(record: dict[str, Any]) -> list[str]:
+    warnings = record.get("warnings") or []
+    if not warnings:
+        return []
+    return ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
 
 
 def _value(v: Any) -> str:

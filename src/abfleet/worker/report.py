@@ -108,6 +108,7 @@ def _meta(record: dict[str, Any], n_trials: int) -> str:
     cost = record.get("cost")
     if cost:
         parts.append(f"{cost['price_per_hour']:.2f} $/h, about {cost['usd']:.2f} $ for the run")
+    parts += [f"warning: {w}" for w in record.get("warnings") or []]
     return "<p class=meta>" + "<br>".join(_e(p) for p in parts) + "</p>"
 
 

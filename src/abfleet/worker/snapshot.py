@@ -33,6 +33,7 @@ def take_snapshot(run: RunDir, log_lines: int = 20) -> dict[str, Any]:
     snap["workers"] = workers
     snap.update(_study(run, job))
     snap["state"], snap["reason"], snap["detail"] = _overall_state(workers)
+    snap["warnings"] = next((w["warnings"] for w in workers if w["exported"]), [])
     snap["eta_s"] = _eta(snap)
     snap["gpus"] = gpu_stats()
     snap["disk"] = _disk(run.path)
@@ -127,6 +128,8 @@ def _worker(run: RunDir, index: int) -> dict[str, Any]:
         "current_trial": status.get("current_trial"),
         "current_trial_started": status.get("current_trial_started"),
         "trials_here": status.get("trials_here", 0),
+        "exported": status.get("exported"),
+        "warnings": status.get("warnings") or [],
         "updated_at": status.get("updated_at"),
         "started_at": status.get("started_at"),
     }
@@ -137,11 +140,14 @@ def _overall_state(workers: list[dict[str, Any]]) -> tuple[str, str | None, str 
         return "starting", None, "no worker has reported yet"
     primary = next((w for w in workers if w["index"] == 0), workers[0])
     alive = [w for w in workers if w["alive"]]
+    exporter = next((w for w in workers if w["exported"] and w["state"] == "done"), None)
+    if exporter is not None and not alive:  # the primary's, or the worker that took it over
+        return "done", exporter["reason"], exporter["detail"]
     if primary["state"] == "failed" and not alive:
         return "failed", primary["reason"], primary["detail"]
     if primary["state"] in FINAL_STATES and not alive:
         return primary["state"], primary["reason"], primary["detail"]
-    for state in ("exporting", "rescoring"):
+    for state in ("exporting", "judging", "rescoring"):
         if any(w["state"] == state for w in workers):
             return state, None, next(w["detail"] for w in workers if w["state"] == state)
     order = ("searching", "directions", "loading", "starting")
