@@ -10,7 +10,9 @@ after writing the edit into the loaded weights.
 
 The check: next-token log-probs of a few prompts from the model as searched (deltas on its
 outputs) are kept; the search model is released; the export is loaded where the model ran, with
-the run's dtype and quantization, and must give the same distributions (bounded KL).
+the run's dtype and quantization, and must give the same distributions (bounded KL). After a
+quantized search the reference is the full-precision source with the trial's deltas and the
+export is loaded at its own precision, where that fits (see export_model).
 """
 
 from __future__ import annotations
@@ -111,8 +113,10 @@ def export_model(
     precision by reload_shipped(folder), must match it as closely as an unquantized export,
     and its figures are the record's: what ships is what is measured. The re-quantized reload
     is then measured beside it, for information. Where full precision does not fit, the
-    re-quantized reload is the check (a looser limit) and the record says so in words. extras(folder, record) adds files beside the
-    model (the report) before the manifest is written."""
+    re-quantized reload is the check (a looser limit) and the record says so in words.
+
+    extras(folder, record) adds files beside the model (the report) before the manifest is
+    written."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -319,8 +323,10 @@ def _check(
     if figures is not None:
         check["figures"] = figures
     check["dtype"] = dtype
+    if limit is None:  # informational (the re-quantized reload beside the shipped model)
+        return check
     _require_finite(check)
-    if limit is not None and (check["max_kl"] > limit or not same_tokens):
+    if check["max_kl"] > limit or not same_tokens:
         raise UserError(
             f"the exported model does not answer like the searched one (KL {check['max_kl']:.4g} "
             f"> {limit} nats, tokenizer {'same' if same_tokens else 'different'}): it is not "
