@@ -162,6 +162,19 @@ def test_a_stop_answered_429_six_times_is_retried_and_shown_until_the_box_stops(
     )
 
 
+def _done_and_stopped(fake, iid: int, root: Path) -> list[str]:
+    """The run ends and the box stops itself; the guardian's events."""
+    assert wait_for_state(root, timeout=300)["state"] == "done"
+    _wait(lambda: _stopped_at(fake, iid), fake=fake, what="the stop")
+    return [t for _, t in _guardian(root)["events"]]
+
+
+def _billed_within_grace(fake, iid: int, root: Path, scenario: str, saw: str) -> None:
+    seconds, usd = _after_work(fake, iid, _work_ended(root))
+    assert seconds <= 1 + MARGIN_S
+    _table(scenario, saw, seconds, usd, "grace 1 s")
+
+
 def test_a_lead_worker_killed_mid_search_is_restarted_and_the_box_stops(
     meter, boxes, tmp_path, tiny_model_dir
 ):
@@ -172,20 +185,16 @@ def test_a_lead_worker_killed_mid_search_is_restarted_and_the_box_stops(
     status = _searching(root)
     before = _complete_numbers(root)
     os.kill(status["pid"], signal.SIGKILL)  # as the kernel's OOM killer would
-    assert wait_for_state(root, timeout=300)["state"] == "done"
-    _wait(lambda: _stopped_at(fake, iid), fake=fake, what="the stop")
+    events = " ".join(_done_and_stopped(fake, iid, root))
     after = _complete_numbers(root)
     assert before <= after and len(after) == 30  # no completed trial lost, the run finished
-    events = " ".join(t for _, t in _guardian(root)["events"])
     assert "worker 0 was gone (searching); started again" in events
-    seconds, usd = _after_work(fake, iid, _work_ended(root))
-    assert seconds <= 1 + MARGIN_S
-    _table(
+    _billed_within_grace(
+        fake,
+        iid,
+        root,
         "lead worker SIGKILLed mid-search",
         "worker restarted by the guardian; run done (30/30), box stopped",
-        seconds,
-        usd,
-        "grace 1 s",
     )
 
 
@@ -199,21 +208,17 @@ def test_a_hung_worker_is_killed_its_trial_rerun_and_the_box_stops(
     root = boxes.made[0].root
     status = _searching(root)
     os.kill(status["pid"], signal.SIGSTOP)  # hung: alive, its heartbeat thread stopped too
-    assert wait_for_state(root, timeout=300)["state"] == "done"
-    _wait(lambda: _stopped_at(fake, iid), fake=fake, what="the stop")
-    events = " ".join(t for _, t in _guardian(root)["events"])
+    events = " ".join(_done_and_stopped(fake, iid, root))
     assert "made no progress for" in events and "started again" in events
     with _study(root) as db:
         states = dict(db.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
     assert states.get("COMPLETE") == 20 and "RUNNING" not in states
-    seconds, usd = _after_work(fake, iid, _work_ended(root))
-    assert seconds <= 1 + MARGIN_S
-    _table(
+    _billed_within_grace(
+        fake,
+        iid,
+        root,
         "worker hung (SIGSTOP) mid-trial",
         "killed after 6 s without progress, restarted, trial re-run; run done, box stopped",
-        seconds,
-        usd,
-        "grace 1 s",
     )
 
 
@@ -228,22 +233,18 @@ def test_a_container_restart_mid_search_continues_the_run_and_stops_the_box(
     before = _complete_numbers(root)
     fake.restart(iid)  # every process of the box dies; it boots again and reruns onstart
     _wait(lambda: fake.instances[iid]["actual_status"] == "running", fake=fake, what="boot")
-    assert wait_for_state(root, timeout=300)["state"] == "done"
-    _wait(lambda: _stopped_at(fake, iid), fake=fake, what="the stop")
+    events = _done_and_stopped(fake, iid, root)
     after = _complete_numbers(root)
     assert before <= after and len(after) == 30
-    events = [t for _, t in _guardian(root)["events"]]
     assert sum("guardian started" in t for t in events) == 2
     assert any("worker 0 was gone" in t and "started again" in t for t in events)
-    seconds, usd = _after_work(fake, iid, _work_ended(root))
-    assert seconds <= 1 + MARGIN_S
-    _table(
+    _billed_within_grace(
+        fake,
+        iid,
+        root,
         "container restarted mid-search",
         f"onstart re-armed the guardian, which restarted the worker; {len(before)} trials kept, "
         "run done (30/30), box stopped",
-        seconds,
-        usd,
-        "grace 1 s",
     )
 
 
