@@ -5,6 +5,8 @@
 # on the box, its guardian starts again, and it restarts the workers of any unfinished run.
 root="${ABFLEET_REMOTE_ROOT:-/workspace/abfleet}"
 mkdir -p "$root"
+# When this container started: the guardian meters the time before it at the disk's rate.
+date +%s.%N > "$root/container-started"
 # The study's server of a --storage head run (infra/postgres-head.sh made it), before the workers.
 for data in "$root/postgres/data" "/var/lib/abfleet-postgres/$(printf '%s' "$root" | sha1sum | cut -c1-12)/data"; do
   if [ -s "$data/PG_VERSION" ]; then

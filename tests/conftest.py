@@ -276,6 +276,23 @@ def fake_vast(boxes, ssh_key, isolated_home, monkeypatch):
 
 
 @pytest.fixture
+def meter(fake_vast):
+    """The rate each instance bills at, kept past its destroy (for the $ figures)."""
+    fake_vast.rates = {}
+    original = fake_vast._create
+
+    def create(offer_id, body):
+        status, answer = original(offer_id, body)
+        iid = answer.get("new_contract")
+        if iid in fake_vast.instances:
+            fake_vast.rates[iid] = fake_vast.instances[iid]["dph_total"]
+        return status, answer
+
+    fake_vast._create = create
+    return fake_vast
+
+
+@pytest.fixture
 def ssh_config(ssh_key, isolated_home):
     """abfleet configured with the test key (for the ssh provider, no Vast)."""
     write_config(isolated_home / "config", ssh_key)

@@ -14,6 +14,14 @@ as on Vast on every container start (first boot, start after a stop, reboot). A 
 reboot kills every process of the box; its disk stays. Faults can be injected per endpoint.
 `cancel_unavail` on a create makes an unschedulable create an error instead of a stopped
 instance.
+
+Bids (interruptible instances), as Vast.ai does them: a search of type "bid" prices offers at
+their `min_bid` (dph_total = min_bid + the disk's share); a create that sends `price` is a bid
+(`is_bid`, billing price + disk while it runs); a competing bid above it (outbid()) stops it:
+its container's processes die, intended_status stays "running", only its disk bills; when it
+wins again (release(), or a higher bid through PUT /api/v0/instances/bid_price/{id}/) the
+container restarts and runs its onstart, as after any start. A create whose bid is below the
+machine's winning price is unschedulable: with cancel_unavail, not made.
 """
 
 from __future__ import annotations
@@ -132,6 +140,7 @@ class FakeVast:
         self.scoped_calls: list[tuple[str, str, Any]] = []  # made with an instance's own key
         # The provider's own meter: (at, instance id, "running" | "stopped" | "destroyed").
         self.billing: list[tuple[float, int, str]] = []
+        self.competing: dict[int, float] = {}  # machine id -> another renter's winning bid
         self.lock = threading.RLock()
         self._next_id = 5_000_000
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -165,6 +174,16 @@ class FakeVast:
         self.faults.append(Fault(method, path, status, body, times, headers or {}, after))
 
     @staticmethod
+    def _disk(offer: dict[str, Any], storage_gb: float) -> float:
+        return offer["storage_cost"] * storage_gb / HOURS_PER_MONTH
+
+    def _set_bid(self, inst: dict[str, Any], bid: float) -> None:
+        inst["_bid"] = bid
+        inst["dph_total"] = round(
+            bid + inst["storage_cost"] * inst["disk_space"] / HOURS_PER_MONTH, 6
+        )
+
+    @staticmethod
     def price(offer: dict[str, Any], storage_gb: float) -> float:
         """$/h of an offer with storage_gb of disk: the base plus the disk's share of storage."""
         return offer["dph_base"] + offer["storage_cost"] * storage_gb / HOURS_PER_MONTH
@@ -184,6 +203,53 @@ class FakeVast:
         with self.lock:
             for inst in list(self.instances.values()):
                 self._advance(inst)
+
+    def billed_usd(
+        self, iid: int, rate: float, disk_rate: float, until: float | None = None
+    ) -> float:
+        """What the meter above billed the instance until then: `rate` $/h running,
+        `disk_rate` stopped (outbid included)."""
+        until = until or time.time()
+        events = sorted(e for e in self.billing if e[1] == iid and e[0] < until)
+        total = 0.0
+        for (at, _, state), (end, _, _) in zip(
+            events, [*events[1:], (until, iid, "now")], strict=True
+        ):
+            if state in ("running", "stopped"):
+                total += (end - at) * (rate if state == "running" else disk_rate) / 3600
+        return total
+
+    def outbid(self, iid: int, price: float | None = None) -> None:
+        """Another renter bids above the instance: it stops at once, its disk keeps billing."""
+        with self.lock:
+            inst = self.instances[iid]
+            self.competing[inst["machine_id"]] = price or inst["_bid"] * 1.5 + 0.01
+            self._contest(inst)
+
+    def release(self, iid: int) -> None:
+        """The competing renter leaves: the instance's bid wins again."""
+        with self.lock:
+            inst = self.instances[iid]
+            self.competing.pop(inst["machine_id"], None)
+            self._contest(inst)
+
+    def _outbid(self, inst: dict[str, Any]) -> bool:
+        winning = self.competing.get(inst["machine_id"])
+        return bool(inst.get("is_bid")) and winning is not None and winning > inst["_bid"]
+
+    def _contest(self, inst: dict[str, Any]) -> None:
+        """Apply the market to an instance its owner wants running."""
+        if inst["intended_status"] != "running":
+            return
+        if self._outbid(inst) and inst["actual_status"] != "stopped":
+            self.billing.append((time.time(), inst["id"], "stopped"))
+            inst.update(actual_status="stopped", cur_state="stopped", status_msg="outbid")
+            box = self.boxes.pop(inst["id"], None)
+            if box is not None:
+                box.halt()  # the container's processes die at once; its disk stays
+        elif not self._outbid(inst) and inst["actual_status"] == "stopped":
+            self.billing.append((time.time(), inst["id"], "running"))
+            inst.update(actual_status=None, cur_state="running", _created=time.time())
 
     def gpu_billing(self, iid: int) -> bool:
         """Whether the instance bills its full rate now."""
@@ -217,6 +283,7 @@ class FakeVast:
     # -- the state machine ------------------------------------------------------------------
 
     def _advance(self, inst: dict[str, Any]) -> None:
+        self._contest(inst)
         age = time.time() - inst["_created"]
         if inst["intended_status"] == "stopped" or inst["actual_status"] in (
             "exited",
@@ -369,6 +436,16 @@ class FakeVast:
                 return 200, {"success": True}
             if method == "PUT":
                 return self._change(inst, body or {})
+        m = re.fullmatch(r"/api/v0/instances/bid_price/(\d+)/", path)
+        if m and method == "PUT":
+            inst = self.instances.get(int(m[1]))
+            if inst is None:
+                return 404, {"success": False, "error": "no_such_instance"}
+            if not inst.get("is_bid"):
+                return 400, {"success": False, "error": "invalid_args", "msg": "not a bid"}
+            self._set_bid(inst, float((body or {})["price"]))
+            self._contest(inst)
+            return 200, {"success": True}
         m = re.fullmatch(r"/api/v0/instances/reboot/(\d+)/", path)
         if m and method == "PUT":
             inst = self.instances.get(int(m[1]))
@@ -392,7 +469,15 @@ class FakeVast:
     def _search(self, q: dict[str, Any]) -> list[dict[str, Any]]:
         control = {"order", "type", "limit", "allocated_storage", "disable_bundling"}
         storage = float(q.get("allocated_storage") or DEFAULT_STORAGE_GB)
-        priced = [{**o, "dph_total": round(self.price(o, storage), 6)} for o in self.offers]
+        bid = q.get("type") == "bid"
+        if bid:  # interruptible pricing: the machine at its minimum bid, plus the disk
+            priced = [
+                {**o, "dph_total": round(o["min_bid"] + self._disk(o, storage), 6)}
+                for o in self.offers
+                if o.get("min_bid") is not None
+            ]
+        else:
+            priced = [{**o, "dph_total": round(self.price(o, storage), 6)} for o in self.offers]
         out = [
             o
             for o in priced
@@ -423,6 +508,11 @@ class FakeVast:
         self.boot_failures -= int(fail)
         stopped = self.start_failures > 0
         self.start_failures -= int(stopped)
+        bid = body.get("price")
+        if bid is not None and float(bid) < max(
+            offer["min_bid"] or 0.0, self.competing.get(offer["machine_id"], 0.0)
+        ):
+            stopped = True  # the bid cannot win: unschedulable until it does
         if stopped and body.get("cancel_unavail") and not self.ignore_cancel_unavail:
             offer["rented"], offer["rentable"] = False, True
             return 200, {
@@ -465,7 +555,12 @@ class FakeVast:
             "_fail_boot": fail,
             "_keys": list(self.account_keys),
             "_api_key": f"instance-secret-{iid}",
+            "is_bid": bid is not None,
+            "min_bid": offer["min_bid"],
+            "_bid": float(bid) if bid is not None else None,
         }
+        if bid is not None:
+            self._set_bid(self.instances[iid], float(bid))
         self.billing.append((time.time(), iid, "stopped" if stopped else "running"))
         # The real answer carries the instance's own API key: it must never be shown.
         answer = {"new_contract": iid, "instance_api_key": self.instances[iid]["_api_key"]}
@@ -502,6 +597,8 @@ class FakeVast:
             box = self.boxes.pop(inst["id"], None)
             if box is not None:
                 box.halt()  # stopping kills every process on the box at once; its disk stays
+        elif body.get("state") == "running" and self._outbid(inst):
+            inst["intended_status"] = "running"  # it waits for its bid to win; disk bills
         elif body.get("state") == "running":
             self.billing.append((time.time(), inst["id"], "running"))
             inst.update(

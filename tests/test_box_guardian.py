@@ -75,23 +75,6 @@ def _table(scenario: str, saw: str, seconds: float, usd: float, limit: str) -> N
             f.write(f"| {scenario} | {saw} | {seconds:.1f} s, {usd:.5f} $ | {limit} |\n")
 
 
-@pytest.fixture
-def meter(fake_vast):
-    """The rate each instance bills at, kept past its destroy (for the $ figures)."""
-    fake_vast.rates = {}
-    original = fake_vast._create
-
-    def create(offer_id, body):
-        status, answer = original(offer_id, body)
-        iid = answer.get("new_contract")
-        if iid in fake_vast.instances:
-            fake_vast.rates[iid] = fake_vast.instances[iid]["dph_total"]
-        return status, answer
-
-    fake_vast._create = create
-    return fake_vast
-
-
 def _launch(job: Path, *flags: str) -> int:
     proc = abfleet("launch", str(job), "--yes", *flags)
     assert proc.returncode == 0, proc.stderr + proc.stdout

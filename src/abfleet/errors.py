@@ -25,6 +25,10 @@ class ProviderError(AbfleetError):
     """The cloud provider refused or failed a request."""
 
 
+class NoOffers(ProviderError):
+    """No offer matches what was asked for (nothing was rented)."""
+
+
 class CreateFailed(ProviderError):
     """A create that gave no usable instance. instance_id is the one the provider made anyway
     (it bills until destroyed), or None when the provider holds nothing of it."""

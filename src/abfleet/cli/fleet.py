@@ -18,6 +18,7 @@ from abfleet.fleet.launch import launch
 from abfleet.fleet.ledger import InstanceRecord, Ledger
 from abfleet.fleet.plan import Billing, LaunchOptions, parse_duration, prepare, requirements
 from abfleet.fleet.providers import NAMES, connect_record, get_provider
+from abfleet.fleet.providers.base import Bid
 from abfleet.fleet.rent import Rental, create_and_wait
 from abfleet.fleet.submit import new_run_name, setup, submit
 from abfleet.render import fmt_duration, fmt_usd, quantization_table, sizing_table
@@ -108,8 +109,58 @@ def billing_options(func: Any) -> Any:
     return func
 
 
-def billing_from(stop_after: str, then_destroy: bool, budget: float | None) -> Billing:
-    return Billing(parse_duration(stop_after), then_destroy, budget or 0.0)
+def billing_from(
+    stop_after: str, then_destroy: bool, budget: float | None, max_pause: str = "0"
+) -> Billing:
+    return Billing(
+        parse_duration(stop_after),
+        then_destroy,
+        budget or 0.0,
+        parse_duration(max_pause, "--max-pause"),
+    )
+
+
+def bid_options(func: Any) -> Any:
+    """--interruptible, --bid, --bid-margin: rent at a bid (about half the price; can pause)."""
+    for option in reversed(
+        (
+            click.option(
+                "--interruptible",
+                is_flag=True,
+                help="Rent interruptible (a bid, often about half the on-demand price). Outbid, "
+                "the box pauses: it bills only its disk and the run waits, then goes on where "
+                "it was when the bid wins again.",
+            ),
+            click.option(
+                "--bid",
+                type=float,
+                help="With --interruptible: your bid in $/h for the machine (its disk is billed "
+                "on top); default: the offer's minimum bid plus --bid-margin.",
+            ),
+            click.option(
+                "--bid-margin",
+                type=float,
+                default=10.0,
+                show_default=True,
+                help="With --interruptible and no --bid: percent above the offer's minimum bid "
+                "(a higher bid is outbid less often).",
+            ),
+        )
+    ):
+        func = option(func)
+    return func
+
+
+def bid_from(interruptible: bool, bid: float | None, margin: float) -> Bid | None:
+    if not interruptible:
+        if bid is not None:
+            raise UserError("--bid rents interruptible: add --interruptible (or drop --bid)")
+        return None
+    if bid is not None and bid <= 0:
+        raise UserError(f"--bid {bid:g} is not a price: give $/h above 0")
+    if margin < 0:
+        raise UserError(f"--bid-margin {margin:g} is negative: give a percent, 0 or more")
+    return Bid(bid, margin / 100)
 
 
 @click.command("offers")
@@ -119,6 +170,7 @@ def billing_from(stop_after: str, then_destroy: bool, budget: float | None) -> B
 @click.option("--disk", "disk_gb", type=int, help="Disk in GB (default: from sizing).")
 @click.option("--json", "as_json", is_flag=True)
 @gpu_option
+@bid_options
 def offers_cmd(
     model: str,
     job_arg: str | None,
@@ -126,25 +178,47 @@ def offers_cmd(
     disk_gb: int | None,
     as_json: bool,
     gpu: str | None,
+    interruptible: bool,
+    bid: float | None,
+    bid_margin: float,
 ) -> None:
-    """Vast.ai offers that fit MODEL, cheapest first."""
+    """Vast.ai offers that fit MODEL, cheapest first (--interruptible: at a bid)."""
+    from abfleet.fleet.rent import priced
     from abfleet.fleet.sizing import plan_for, with_gpu
 
     plan = plan_for(model, job_arg)
     plan = with_gpu(plan, gpu) if gpu else plan
-    req = requirements(plan, disk_gb, max_price)
+    req = requirements(plan, disk_gb, max_price, bid=bid_from(interruptible, bid, bid_margin))
     offers = get_provider("vast").offers(req)
+    if req.bid is not None:
+        offers = [priced(o, req) for o in offers]
     if as_json:
         click.echo(json.dumps([o.__dict__ for o in offers], indent=1))
         return
-    table = Table(title=f"Offers for {plan.gpu_count}x {plan.gpu}, disk >= {req.disk_gb} GB")
-    for col in ("offer", "GPU", "$/h", "disk GB", "reliability", "Mbps down", "machine", "where"):
+    kind = "interruptible " if req.bid is not None else ""
+    table = Table(
+        title=f"{kind.capitalize()}Offers for {plan.gpu_count}x {plan.gpu}, disk >= {req.disk_gb} GB"
+    )
+    cols = ["offer", "GPU", "$/h"]
+    if req.bid is not None:
+        # Running at the bid (with the disk), the bid itself, the same machine on demand, and
+        # what a paused box bills.
+        cols = ["offer", "GPU", "$/h at bid", "bid", "min bid", "on demand", "paused (disk)"]
+    for col in (*cols, "disk GB", "reliability", "Mbps down", "machine", "where"):
         table.add_column(col)
     for o in offers[:20]:
+        prices = [f"{o.price_per_hour:.3f}"]
+        if o.bid is not None:
+            prices += [
+                f"{o.bid:.4f}",
+                f"{o.min_bid:.4f}" if o.min_bid is not None else "-",
+                f"{o.on_demand_per_hour:.3f}" if o.on_demand_per_hour else "-",
+                f"{o.storage_per_hour:.3f}" if o.storage_per_hour is not None else "-",
+            ]
         table.add_row(
             o.id,
             f"{o.gpu_count}x {o.gpu_name}",
-            f"{o.price_per_hour:.3f}",
+            *prices,
             f"{o.disk_gb:.0f}",
             f"{o.reliability:.3f}" if o.reliability else "-",
             f"{o.inet_down_mbps:.0f}" if o.inet_down_mbps else "-",
@@ -185,6 +259,15 @@ def offers_cmd(
 @keep_option
 @gpu_option
 @billing_options
+@bid_options
+@click.option(
+    "--max-pause",
+    default="0",
+    show_default=True,
+    help="With --interruptible: outbid longer than this (e.g. 20m), the run moves to another "
+    "offer (never above the $/h you confirm here) from its latest backup, and the paused box is "
+    "destroyed once the new one runs. `abfleet watch` does it: leave it running. 0: wait.",
+)
 @click.pass_context
 def launch_cmd(
     ctx: click.Context,
@@ -202,6 +285,10 @@ def launch_cmd(
     stop_after: str,
     then_destroy: bool,
     budget: float | None,
+    interruptible: bool,
+    bid: float | None,
+    bid_margin: float,
+    max_pause: str,
     **kwargs: Any,
 ) -> None:
     """Size, rent, set up and start JOB on a box (or several), in one go.
@@ -220,7 +307,8 @@ def launch_cmd(
         resume=resume,
         keep_on_failure=keep_on_failure,
         gpu=gpu,
-        billing=billing_from(stop_after, then_destroy, budget),
+        billing=billing_from(stop_after, then_destroy, budget, max_pause),
+        bid=bid_from(interruptible, bid, bid_margin),
     )
     record = launch(
         job,
@@ -252,6 +340,7 @@ def launch_cmd(
 @click.option("--disk", "disk_gb", type=int, help="Disk in GB (never below what sizing says).")
 @keep_option
 @gpu_option
+@bid_options
 @click.pass_context
 def create_cmd(
     ctx: click.Context,
@@ -264,6 +353,9 @@ def create_cmd(
     disk_gb: int | None,
     keep_on_failure: bool,
     gpu: str | None,
+    interruptible: bool,
+    bid: float | None,
+    bid_margin: float,
 ) -> None:
     """Rent (or register) a box sized for MODEL and wait until SSH answers."""
     setup_logging(ctx.obj.get("verbose", False))
@@ -271,7 +363,9 @@ def create_cmd(
     render_sizing(prepared.sizing, False)
     prov = get_provider(provider, host)
     ledger = Ledger()
-    req = requirements(prepared.sizing, disk_gb, max_price)
+    req = requirements(
+        prepared.sizing, disk_gb, max_price, bid=bid_from(interruptible, bid, bid_margin)
+    )
     run = new_run_name(prepared.job)
     with Rental(prov, ledger, keep_on_failure) as rental:
         instance, remote = create_and_wait(

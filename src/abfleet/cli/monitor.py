@@ -75,6 +75,8 @@ def status_cmd(instance: str | None, run_name: str | None, as_json: bool) -> Non
             + (f", {trials.get('complete', 0)}/{trials.get('total')} trials" if trials else "")
             + (f" ({r['reason']})" if r.get("reason") else "")
         )
+        if r.get("moved"):
+            console.print(f"  {r['moved']}", markup=False)
         for warning in r.get("warnings") or []:
             console.print(f"  [yellow]warning:[/] {warning}")
         if r.get("dtype"):

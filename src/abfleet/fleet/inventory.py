@@ -14,7 +14,7 @@ from abfleet.fleet.ledger import InstanceRecord, Ledger
 from abfleet.fleet.providers import RENTED, get_provider
 from abfleet.fleet.providers.base import Instance
 from abfleet.fleet.rent import settle_pending
-from abfleet.fleet.spend import instance_spend, observe
+from abfleet.fleet.spend import instance_spend, observe, pause_note
 
 
 @dataclass
@@ -116,6 +116,8 @@ def _ledger_row(rec: InstanceRecord, inst: Instance | None, run: Any) -> dict[st
         note = "destroyed"
     elif inst is None:
         note = "vanished: the provider no longer knows it (destroyed elsewhere?)"
+    elif inst.outbid:
+        note = pause_note(rec)
     elif run is not None and run.box_note and inst.state != "stopped":
         note = run.box_note  # e.g. its self-stop failing, as `status` or `watch` last saw it
     return {
@@ -123,7 +125,9 @@ def _ledger_row(rec: InstanceRecord, inst: Instance | None, run: Any) -> dict[st
         "provider": rec.provider,
         "label": rec.label,
         "gpu": f"{(inst.gpu_count if inst else rec.gpu_count) or ''}x {(inst.gpu_name if inst else rec.gpu_name) or ''}".strip(),
-        "state": inst.state if inst else ("destroyed" if rec.state == "destroyed" else "gone"),
+        "state": ("outbid" if inst.outbid else inst.state)
+        if inst
+        else ("destroyed" if rec.state == "destroyed" else "gone"),
         "price_per_hour": inst.price_per_hour if inst else rec.price_per_hour,
         "started_at": (inst.started_at if inst else None) or rec.created_at,
         "ended_at": rec.destroyed_at,  # its time (and its bill) stopped there

@@ -44,6 +44,15 @@ def launch(
     workers, instances, resume = opts.workers, opts.instances, opts.resume
     if workers < 1 or instances < 1:
         raise UserError("--workers and --instances must be at least 1")
+    if opts.billing.max_pause_s and opts.bid is None:
+        raise UserError("--max-pause is for interruptible boxes: add --interruptible")
+    if opts.billing.max_pause_s and instances > 1:
+        raise UserError(
+            "--max-pause moves a one-box run; with --instances the study's box is on demand and "
+            "a paused worker box only loses its running trial: leave --max-pause out"
+        )
+    if opts.bid is not None and opts.provider != "vast":
+        raise UserError("--interruptible is for rented boxes (--provider vast)")
     lp = prepare(job_arg, flags, opts.gpu, opts.billing, say)
     job, plan = lp.job, lp.sizing
     if show_plan:
@@ -66,7 +75,7 @@ def launch(
             "--instances is for rented boxes (--provider vast); give a Postgres URL to share a study with your own machines"
         )
     ledger = Ledger()
-    req = requirements(plan, opts.disk_gb, opts.max_price, workers=workers)
+    req = requirements(plan, opts.disk_gb, opts.max_price, workers=workers, bid=opts.bid)
     run = new_run_name(job)
     pg_port = settings().vast.postgres_port
     # From the first create on, a failure destroys what this command rented (or keeps it, and

@@ -71,6 +71,11 @@ ADDED_COLUMNS = (
     ("instances", "storage_per_hour", "REAL"),  # what it bills while stopped
     ("runs", "box_note", "TEXT"),  # the box's trouble, as status/progress/watch last saw it
     ("runs", "exported_trials", "INTEGER"),  # trials complete when the downloaded model was made
+    ("instances", "paused_since", "REAL"),  # outbid (interruptible) since, as first seen
+    ("instances", "pauses", "INTEGER"),  # how many times it was seen outbid
+    ("runs", "max_pause_s", "REAL"),  # outbid longer than this: the run moves to another box
+    ("runs", "moved", "TEXT"),  # JSON: why and when the run moved, and the trials it lost
+    ("runs", "last_complete", "INTEGER"),  # completed trials when a controller last looked
 )
 
 
@@ -95,6 +100,12 @@ class InstanceRecord:
     offer: dict[str, Any] | None
     note: str | None
     storage_per_hour: float | None = None
+    paused_since: float | None = None
+    pauses: int | None = None
+
+    @property
+    def interruptible(self) -> bool:
+        return bool(self.offer and self.offer.get("bid") is not None)
 
 
 @dataclass
@@ -119,6 +130,9 @@ class RunRecord:
     budget_usd: float | None = None
     box_note: str | None = None
     exported_trials: int | None = None
+    max_pause_s: float | None = None
+    moved: str | None = None
+    last_complete: int | None = None
 
 
 class Ledger:
@@ -222,8 +236,8 @@ class Ledger:
             db.execute(
                 "INSERT OR REPLACE INTO runs (name, job, model, provider, instance_id, remote_dir,"
                 " local_dir, workers, created_at, downloaded_at, verified, last_backup_at, state,"
-                " instances, continued_by, stop_after_s, then_destroy, budget_usd)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " instances, continued_by, stop_after_s, then_destroy, budget_usd, max_pause_s)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     record.name,
                     record.job,
@@ -243,6 +257,7 @@ class Ledger:
                     record.stop_after_s,
                     int(record.then_destroy),
                     record.budget_usd,
+                    record.max_pause_s,
                 ),
             )
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from abfleet.errors import UserError
-from abfleet.fleet.providers.base import Requirements
+from abfleet.fleet.providers.base import Bid, Requirements
 from abfleet.fleet.sizing import Plan, plan_for_job, with_gpu
 from abfleet.job.source import ModelSource, materialize, resolve_source
 from abfleet.job.spec import Job, load_job
@@ -33,6 +33,8 @@ class Billing:
     stop_after_s: float = DEFAULT_STOP_AFTER_S  # 0: the box keeps running when done
     then_destroy: bool = False
     budget_usd: float = 0.0  # 0: none
+    # Interruptible: outbid longer than this, the run moves to another box (0: it waits).
+    max_pause_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,10 @@ class LaunchOptions:
     keep_on_failure: bool = False
     gpu: str | None = None  # TYPE or TYPExN instead of the sizer's pick
     billing: Billing = Billing()
+    bid: Bid | None = None  # interruptible, at this bid policy; None: on demand
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: str, option: str = "--stop-after") -> float:
     """`30m`, `90s`, `2h` or minutes as a bare number; `0` means never."""
     raw = text.strip().lower()
     unit = raw[-1:] if raw[-1:] in _UNITS else "m"
@@ -61,10 +64,10 @@ def parse_duration(text: str) -> float:
         value = float(number) * _UNITS[unit]
     except ValueError:
         raise UserError(
-            f"--stop-after {text!r} is not a duration: use e.g. 30m, 90s, 2h, or 0 for never"
+            f"{option} {text!r} is not a duration: use e.g. 30m, 90s, 2h, or 0 for never"
         ) from None
     if value < 0:
-        raise UserError(f"--stop-after {text!r} is negative: use 0 for never")
+        raise UserError(f"{option} {text!r} is negative: use 0 for never")
     return value
 
 
@@ -119,6 +122,7 @@ def requirements(
     max_price: float | None,
     exclude: tuple[int, ...] = (),
     workers: int = 1,
+    bid: Bid | None = None,
 ) -> Requirements:
     """What to rent: the plan's GPUs for each of `workers` workers, and never less disk than
     sizing says (a full disk while saving is how long runs were lost)."""
@@ -142,4 +146,5 @@ def requirements(
         max_price,
         exclude,
         host_ram_gb=plan.host_ram_gb * workers,
+        bid=bid,
     )

@@ -12,6 +12,7 @@ from abfleet.errors import (
     AbfleetError,
     CreateFailed,
     Declined,
+    NoOffers,
     ProviderError,
     RemoteError,
     SshAuthError,
@@ -28,6 +29,7 @@ from abfleet.fleet.providers.base import (
     Offer,
     Provider,
     Requirements,
+    at_bid,
 )
 from abfleet.fleet.remote import public_keys
 from abfleet.fleet.sizing import Plan
@@ -98,6 +100,19 @@ def _rate(rate: float | None) -> str:
 
 def choose_offer(provider: Provider, req: Requirements) -> Offer:
     return provider.offers(req)[0]
+
+
+def priced(offer: Offer, req: Requirements, on_demand: bool = False) -> Offer:
+    """The offer as it will be rented: at the user's bid when interruptible was asked for."""
+    if req.bid is None or on_demand:
+        return offer  # price_per_hour is its on-demand price, from either search
+    if offer.min_bid is not None and req.bid.usd is not None and req.bid.usd < offer.min_bid:
+        raise UserError(
+            f"--bid {req.bid.usd:g} $/h is below offer {offer.id}'s minimum bid "
+            f"({offer.min_bid:g} $/h): it would never run; raise --bid, or leave it out to bid "
+            "the minimum plus --bid-margin"
+        )
+    return at_bid(offer, req.bid)
 
 
 def describe_offer(
@@ -186,6 +201,10 @@ def create(
         "disk_gb": spec.disk_gb,
         "machine_id": offer.machine_id,
         "storage_per_hour": offer.storage_per_hour,
+        # Interruptible: the bid it runs at (None: on demand), to show and to bid alike again.
+        "bid": offer.bid,
+        "min_bid": offer.min_bid,
+        "on_demand_per_hour": offer.on_demand_per_hour,
     }
     key = ledger.begin_create(provider.name, spec.label, run, offer_data)
     try:
@@ -327,11 +346,21 @@ def create_fleet(
     (Postgres for a shared study).
     """
     reconcile_pending(provider, ledger, say)
-    offers = _distinct_machines(provider.offers(req), count)
+    found = provider.offers(req)
+    if req.bid is not None and req.max_price is not None:
+        # Bid search results are priced at the minimum bid: the cap is on the bid's price.
+        found = [o for o in found if priced(o, req).price_per_hour <= req.max_price + 1e-9]
+        if not found:
+            raise NoOffers(
+                f"no interruptible offer runs at or below {req.max_price:.3f} $/h at your bid"
+            )
+    offers = _distinct_machines(found, count)
     if len(offers) < count:
         raise ProviderError(
             f"only {len(offers)} machine(s) offer this; {count} instances were asked for"
         )
+    # Interruptible boxes, except the one hosting a shared study (head_ports): it must not pause.
+    offers = [priced(o, req, on_demand=bool(head_ports) and i == 0) for i, o in enumerate(offers)]
     if provider.billable:
         lines = []
         for offer in offers:
@@ -347,7 +376,8 @@ def create_fleet(
             lines.append(_check_budget(budget, offers, plan, n_trials, count))
         for line in lines:
             say(line)
-        what = f"{offers[0].gpu_count}x {offers[0].gpu_name} instance at {offers[0].price_per_hour:.3f} $/h"
+        kind = "interruptible " if offers[0].bid is not None else ""
+        what = f"{kind}{offers[0].gpu_count}x {offers[0].gpu_name} instance at {offers[0].price_per_hour:.3f} $/h"
         if count > 1:
             what = f"{count} instances at {sum(o.price_per_hour for o in offers):.3f} $/h together"
         confirm_or_refuse(
@@ -372,7 +402,7 @@ def create_fleet(
             if exc.instance.machine_id:
                 used.add(exc.instance.machine_id)
         retry = replace(req, exclude_machines=tuple(sorted(used)))
-        offer = choose_offer(provider, retry)
+        offer = priced(choose_offer(provider, retry), req, on_demand=confirmed.bid is None)
         if provider.billable and offer.price_per_hour > confirmed.price_per_hour + 1e-9:
             _ask_for_dearer(provider, offer, confirmed, retry, plan, n_trials, confirm, say)
         say(f"trying another machine once: offer {offer.id} at {offer.price_per_hour:.3f} $/h")

@@ -59,6 +59,28 @@ def observe(ledger: Ledger, rec: InstanceRecord, live: Instance | None) -> None:
     state = BILLING_STATES.get(live.state)
     if state is not None:
         ledger.meter_mark(rec.provider, rec.instance_id, state, exact=False)
+    if live.outbid and rec.paused_since is None:
+        rec.paused_since, rec.pauses = time.time(), (rec.pauses or 0) + 1
+        ledger.update(rec.key, paused_since=rec.paused_since, pauses=rec.pauses)
+    elif not live.outbid and rec.paused_since is not None:
+        rec.paused_since = None
+        ledger.update(rec.key, paused_since=None)
     if live.storage_per_hour is not None and rec.storage_per_hour is None:
         ledger.update(rec.key, storage_per_hour=live.storage_per_hour)
         rec.storage_per_hour = live.storage_per_hour
+
+
+def pause_note(rec: InstanceRecord, now: float | None = None) -> str:
+    """What a user reads about an outbid box: since when, how often, what it bills."""
+    if rec.paused_since is None:
+        return ""
+    from abfleet.render import fmt_duration
+
+    now = now or time.time()
+    since = time.strftime("%H:%M", time.localtime(rec.paused_since))
+    times = f", pause {rec.pauses}" if (rec.pauses or 0) > 1 else ""
+    disk = f"{rec.storage_per_hour:.3f} $/h" if rec.storage_per_hour is not None else "?"
+    return (
+        f"OUTBID since {since} ({fmt_duration(now - rec.paused_since, live=True)}{times}): paused, bills "
+        f"only its disk ({disk}); the run goes on when the bid wins again"
+    )

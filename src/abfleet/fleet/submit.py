@@ -242,6 +242,7 @@ def record_run(
         stop_after_s=billing.stop_after_s,
         then_destroy=billing.then_destroy,
         budget_usd=billing.budget_usd or None,
+        max_pause_s=billing.max_pause_s or None,
     )
     ledger.add_run(record)
     return record

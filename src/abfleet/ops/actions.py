@@ -14,11 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from abfleet.errors import AbfleetError, reason
+from abfleet.errors import AbfleetError, UserError, reason
 from abfleet.fleet.ledger import InstanceRecord, Ledger
 from abfleet.fleet.providers.base import STOPPED, Provider
 from abfleet.fleet.rent import destroy_and_confirm, wait_ready
-from abfleet.fleet.spend import instance_spend, observe
+from abfleet.fleet.spend import instance_spend, observe, pause_note
 from abfleet.ops.monitor import BACKUP_FILE, Session, Target
 from abfleet.worker.selfstop import SELF_STOP_FILE
 
@@ -35,6 +35,9 @@ def note_state(ledger: Ledger, target: Target, snap: dict[str, Any]) -> None:
     fields: dict[str, Any] = {"box_note": box_trouble(snap.get("box"))}
     if snap.get("state"):
         fields["state"] = snap["state"]
+    complete = (snap.get("trials") or {}).get("complete")
+    if complete is not None:  # what a move off a paused box would lose is counted from it
+        fields["last_complete"] = int(complete)
     ledger.update_run(target.run.name, **fields)
 
 
@@ -65,8 +68,10 @@ def instance_status(ledger: Ledger, target: Target, provider: Provider) -> dict[
             "id": rec.instance_id,
             "provider": rec.provider,
             "label": rec.label,
-            "state": live.state if live else "gone",
-            "detail": (live.status_msg if live else "") or (live.raw_state if live else ""),
+            "state": ("outbid" if live.outbid else live.state) if live else "gone",
+            "detail": pause_note(rec)
+            if live and live.outbid
+            else (live.status_msg if live else "") or (live.raw_state if live else ""),
             "gpu": f"{rec.gpu_count}x {rec.gpu_name}",
             "price_per_hour": rec.price_per_hour,
             "ssh": f"{live.ssh_user}@{live.ssh_host}:{live.ssh_port}"
@@ -90,6 +95,10 @@ def instance_status(ledger: Ledger, target: Target, provider: Provider) -> dict[
             "last_backup_at": run.last_backup_at,
             "budget_usd": run.budget_usd,
         }
+        if run.moved:  # it came here off a box outbid past --max-pause: what that cost
+            from abfleet.ops.pauses import moved_line
+
+            data["run"]["moved"] = moved_line(json.loads(run.moved))
         backup = Path(run.local_dir) / BACKUP_FILE
         if backup.is_file():  # what optuna-dashboard can open here, whatever the box's state
             data["run"]["local_study"] = str(backup.resolve())
@@ -120,7 +129,14 @@ def instance_status(ledger: Ledger, target: Target, provider: Provider) -> dict[
 def _unreachable_hint(state: str, run: Any) -> str:
     """What to do about a run whose box cannot be asked (stopped, preempted, gone)."""
     where = f"the box is {state}, so the run cannot be asked"
-    if state == STOPPED:
+    if state == "outbid":
+        move = (
+            f"`abfleet watch {run.instance_id}` moves it after {run.max_pause_s / 60:g} min outbid"
+            if run.max_pause_s
+            else "it waits (launch --max-pause moves a run after a long pause)"
+        )
+        where = f"the box is outbid: its run goes on when the bid wins again; {move}"
+    elif state == STOPPED:
         where += (
             f"; if its work was over it stopped itself: `abfleet download {run.instance_id}` "
             "starts it, downloads the model and stops it again"
@@ -141,6 +157,11 @@ def wake_if_stopped(
     if live is None or live.state != STOPPED:
         return False
     observe(ledger, rec, live)
+    if live.outbid:
+        raise UserError(
+            f"instance {iid} is outbid (paused): it cannot run until its bid wins again. Wait, "
+            f"or `abfleet resume {rec.run}` continues the run elsewhere from its backup"
+        )
     rate = f"{rec.price_per_hour:.3f} $/h" if rec.price_per_hour else "its full rate"
     say(
         f"instance {iid} is stopped: starting it to download (it bills {rate} while it runs, "

@@ -31,6 +31,8 @@ class ViewInfo:
     rate_now: float | None = None  # what they bill at now ($/h; a stopped box: its disk)
     billing: str = "running"  # running, stopped, ended
     budget_usd: float | None = None
+    paused: str | None = None  # an interruptible box outbid: since when, what it bills
+    moved: str | None = None  # the run moved here off a long pause: what it lost
 
 
 def gauge(used: float | None, total: float | None, width: int = 18) -> RenderableType:
@@ -42,7 +44,11 @@ def gauge(used: float | None, total: float | None, width: int = 18) -> Renderabl
 def render(snap: dict[str, Any] | None, info: ViewInfo, now: float | None = None) -> RenderableType:
     now = now or time.time()
     parts: list[RenderableType] = [_header(snap, info, now)]
-    if info.stale_since is not None:
+    if info.moved:
+        parts.append(Text(info.moved, style="bold cyan"))
+    if info.paused:
+        parts.append(Text(info.paused, style="bold magenta"))
+    elif info.stale_since is not None:
         parts.append(
             Text(
                 f"STALE: no answer from the box for {fmt_duration(now - info.stale_since, live=True)} ({info.error}); "

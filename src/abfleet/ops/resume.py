@@ -13,9 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from abfleet.errors import UserError
+from abfleet.errors import AbfleetError, UserError
 from abfleet.fleet.ledger import Ledger
 from abfleet.fleet.plan import DEFAULT_STOP_AFTER_S, Billing, prepare, requirements
+from abfleet.fleet.providers.base import Bid
 from abfleet.fleet.rent import Rental, create_and_wait
 from abfleet.fleet.submit import register, setup, submit
 from abfleet.ops.monitor import BACKUP_FILE, read_backup_meta
@@ -53,7 +54,13 @@ def resume(
     say: Callable[[str], None],
     keep_on_failure: bool = False,
     budget_usd: float = 0.0,
-) -> None:
+    bid: Bid | None = None,
+    exclude: tuple[int, ...] = (),
+    destroy_old: bool = False,
+) -> str | None:
+    """Returns the new run's name (None when it continues here). bid: rent interruptible;
+    exclude: machines not to rent; destroy_old: the old box goes without asking (a move the
+    user chose up front with --max-pause)."""
     study, job_file, meta = _sources(ledger, run_name)
     say(
         f"resuming {run_name} from its backup of {time.strftime('%Y-%m-%d %H:%M', time.localtime(meta['at']))} ({meta['complete']} completed trials)"
@@ -63,7 +70,7 @@ def resume(
     overrides: dict[str, Any] = {"storage": "", **({"trials": trials} if trials else {})}
     if here:
         _resume_here(run_name, study, job_file, overrides, say)
-        return
+        return None
     from abfleet.fleet.providers import get_provider
 
     old = ledger.run(run_name)
@@ -74,6 +81,7 @@ def resume(
         else DEFAULT_STOP_AFTER_S,
         then_destroy=bool(old and old.then_destroy),
         budget_usd=budget_usd,
+        max_pause_s=(old.max_pause_s or 0.0) if old and bid is not None else 0.0,
     )
     if old and old.budget_usd and not budget_usd:
         say(
@@ -82,7 +90,7 @@ def resume(
         )
     prepared = prepare(str(job_file), overrides, billing=billing, say=say)
     provider = get_provider(provider_name, host)
-    req = requirements(prepared.sizing, None, max_price)
+    req = requirements(prepared.sizing, None, max_price, exclude=exclude, bid=bid)
     new_run = f"{run_name}-r{time.strftime('%H%M%S')}"
     with Rental(provider, ledger, keep_on_failure) as rental:
         instance, remote = create_and_wait(
@@ -116,7 +124,30 @@ def resume(
         f"run {new_run} continues {run_name} on instance {instance.id}: `abfleet watch {instance.id}`"
     )
     ledger.update_run(run_name, continued_by=new_run, state="continued")
-    _offer_to_destroy_old_box(ledger, run_name, confirm, say)
+    if destroy_old:
+        _destroy_old_box(ledger, run_name, say)
+    else:
+        _offer_to_destroy_old_box(ledger, run_name, confirm, say)
+    return new_run
+
+
+def _destroy_old_box(ledger: Ledger, run_name: str, say: Callable[[str], None]) -> None:
+    from abfleet.fleet.providers import get_provider
+    from abfleet.fleet.rent import destroy_and_confirm
+
+    old_run = ledger.run(run_name)
+    old = ledger.instance(old_run.provider, old_run.instance_id or "") if old_run else None
+    if old is None or old.state != "active" or not old.instance_id:
+        return
+    try:
+        destroy_and_confirm(get_provider(old.provider), ledger, old.instance_id)
+    except AbfleetError as exc:
+        say(
+            f"[bold red]instance {old.instance_id}, the paused box of {run_name}, could NOT be "
+            f"destroyed ({exc}):[/] it bills its disk; `abfleet destroy {old.instance_id}`"
+        )
+        return
+    say(f"destroyed instance {old.instance_id}, the paused box of {run_name}")
 
 
 def _offer_to_destroy_old_box(

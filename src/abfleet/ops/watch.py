@@ -7,8 +7,10 @@ Ctrl+C ends the watch and nothing else: the run on the box is untouched.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Callable
 
 from rich.live import Live
 
@@ -16,7 +18,7 @@ from abfleet.console import console
 from abfleet.errors import AbfleetError
 from abfleet.fleet.ledger import Ledger
 from abfleet.fleet.providers import RENTED, get_provider
-from abfleet.fleet.spend import instance_spend, observe
+from abfleet.fleet.spend import instance_spend, observe, pause_note
 from abfleet.ops.actions import note_state
 from abfleet.ops.dashboard import ViewInfo, render
 from abfleet.ops.monitor import RunView, Target, read_backup_meta
@@ -25,8 +27,15 @@ log = logging.getLogger(__name__)
 
 
 class Watcher:
-    def __init__(self, ledger: Ledger, target: Target, backup: bool = True) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        target: Target,
+        backup: bool = True,
+        say: Callable[[str], None] = console.print,
+    ) -> None:
         rec = target.instance
+        self.say = say
         self.ledger = ledger
         self.target = target
         self.backup = backup
@@ -82,6 +91,7 @@ class Watcher:
             self.info.refreshed_at = time.time()
             self.info.stale_since = None
             self.info.error = None
+            self.info.paused = None
             self.failures = 0
             note_state(self.ledger, self.target, snap)
             if self.backup:
@@ -95,6 +105,8 @@ class Watcher:
 
     def _lost(self, why: str) -> None:
         self._meter(look=True)
+        if self._pause():
+            return  # the run moved: the new box is watched from now on
         self.failures += 1
         if self.info.stale_since is None:
             self.info.stale_since = time.time()
@@ -105,6 +117,35 @@ class Watcher:
             finally:
                 self.runview = None
         self.next_try = time.time() + min(2 ** (self.failures - 1), 30)
+
+    def _pause(self) -> bool:
+        """An outbid box: say so, and move the run once it has been paused past --max-pause;
+        True when it moved."""
+        from abfleet.ops import pauses
+
+        rec = self.ledger.instance(
+            self.target.instance.provider, self.target.instance.instance_id or ""
+        )
+        if rec is None:
+            return False
+        self.info.paused = pause_note(rec) or None
+        run = self.ledger.run(self.target.run.name) if self.target.run else None
+        if self.info.paused and run is not None and run.max_pause_s:
+            self.info.paused += f"; after {run.max_pause_s / 60:g} min the run moves to another box"
+        if not pauses.due(run, rec) or run is None:
+            return False
+        seen = [(self.snapshot or {}).get("trials", {}).get("complete"), run.last_complete]
+        last_seen = max((n for n in seen if n is not None), default=None)
+        new_run = pauses.move(self.ledger, run, rec, last_seen, self.say)
+        moved = self.ledger.run(new_run) if new_run else None
+        inst = self.ledger.instance(moved.provider, moved.instance_id or "") if moved else None
+        if moved is None or inst is None:
+            return False
+        # Watch the run where it goes on: a new box, a new snapshot.
+        self.close()
+        self.__init__(self.ledger, Target(inst, moved), self.backup, self.say)  # type: ignore[misc]
+        self.info.moved = pauses.moved_line(json.loads(moved.moved)) if moved.moved else None
+        return True
 
     def view(self):
         return render(self.snapshot, self.info)

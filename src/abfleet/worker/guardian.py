@@ -54,6 +54,7 @@ LEASE_FILE = "lease.json"  # ROOT/: {"until": t}: a download holds the box up un
 LOCK_FILE = "guardian.lock"
 BUDGET_MARK = "budget-reached.json"  # RUN/: the workers end after this trial and export
 METER_FILE = "meter.json"  # RUN/: the run's spend, as the guardian metered it
+STARTED_FILE = "container-started"  # ROOT/: the epoch second of the container's last start
 USER_STOPPED = ".stopped-by-user"  # RUN/: `abfleet stop` ended the workers: never restart them
 MAX_RESTARTS = 2  # per worker, after its first restart (a crash that repeats is final)
 EVENTS_KEPT = 20
@@ -79,6 +80,14 @@ class GuardTimes:
 def launch_file(run: RunDir, index: int) -> Path:
     """How worker INDEX was started (GPUs on the first line, then one argument a line)."""
     return run.path / f"worker-{index}.launch"
+
+
+def container_started(root: Path) -> float | None:
+    """When this container last started (infra/onstart.sh writes it on every start)."""
+    try:
+        return float((root / STARTED_FILE).read_text(encoding="utf-8").split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def budget_reached(run: RunDir) -> bool:
@@ -238,10 +247,23 @@ class Guardian:
             spent = terms.spent(now)
         else:
             gap = max(0.0, now - meter["at"])
-            # A gap longer than a few looks: the box was stopped (or the guardian down with it).
-            running = gap <= max(3 * times.poll_s, 120.0)
-            rate = terms.rate_per_hour if running else terms.storage_per_hour
-            spent = float(meter["spent_usd"]) + rate * gap / 3600
+            booted = container_started(self.root)
+            if booted is not None and meter["at"] < booted <= now:
+                # The container started since the last look (a stop and start, a reboot, an
+                # outbid box winning again): down until then, at the disk's rate, then running.
+                spent = (
+                    float(meter["spent_usd"])
+                    + (
+                        terms.storage_per_hour * (booted - meter["at"])
+                        + terms.rate_per_hour * (now - booted)
+                    )
+                    / 3600
+                )
+            else:
+                # A gap longer than a few looks: the box was stopped (or the guardian down).
+                running = gap <= max(3 * times.poll_s, 120.0)
+                rate = terms.rate_per_hour if running else terms.storage_per_hour
+                spent = float(meter["spent_usd"]) + rate * gap / 3600
         with contextlib.suppress(OSError):  # a full disk must not stop the guardian
             _write(run.path / METER_FILE, {"spent_usd": spent, "at": now})
         return spent

@@ -6,7 +6,7 @@ until it is ready, then talks to it through the Remote that connect() returns.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 # Normalized instance states.
@@ -15,6 +15,18 @@ RUNNING = "running"
 STOPPED = "stopped"
 FAILED = "failed"
 GONE = "gone"
+
+
+@dataclass(frozen=True)
+class Bid:
+    """Rent interruptible: at `usd` $/h for the machine, or, when None, at the offer's minimum
+    bid plus `margin` (0.1: 10 %), which wins back a machine sooner after an outbid."""
+
+    usd: float | None = None
+    margin: float = 0.1
+
+    def for_offer(self, min_bid: float) -> float:
+        return self.usd if self.usd is not None else round(min_bid * (1 + self.margin), 4)
 
 
 @dataclass(frozen=True)
@@ -29,6 +41,7 @@ class Requirements:
     exclude_machines: tuple[int, ...] = ()
     extra_ports: tuple[int, ...] = ()
     host_ram_gb: float = 0.0  # the box's RAM (sizing: the load and the shard-wise export)
+    bid: Bid | None = None  # None: on demand
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,29 @@ class Offer:
     machine_id: int | None = None
     location: str = ""
     storage_per_hour: float | None = None  # what it bills while stopped (its disk), in $/h
+    # Interruptible: the lowest bid the machine takes ($/h, its disk not included), and what it
+    # bills running at that bid with its disk. None where the offer is on demand only.
+    min_bid: float | None = None
+    interruptible_per_hour: float | None = None
+    # Set once a bid is chosen: this offer is rented at `bid` and price_per_hour is what it
+    # bills running at that bid; on_demand_per_hour keeps the other price for comparison.
+    bid: float | None = None
+    on_demand_per_hour: float | None = None
+
+
+def at_bid(offer: Offer, policy: Bid) -> Offer:
+    """The offer rented interruptible under `policy`: price_per_hour becomes the running rate at
+    the bid (plus its disk), the on-demand price is kept beside it."""
+    if offer.min_bid is None:
+        raise ValueError(f"offer {offer.id} cannot be rented interruptible")
+    bid = policy.for_offer(offer.min_bid)
+    disk = offer.storage_per_hour or 0.0
+    return replace(
+        offer,
+        bid=bid,
+        price_per_hour=round(bid + disk, 6),
+        on_demand_per_hour=offer.price_per_hour,
+    )
 
 
 @dataclass(frozen=True)
@@ -78,6 +114,10 @@ class Instance:
     storage_per_hour: float | None = None  # $/h while stopped
     ports: dict[int, int] = field(default_factory=dict)  # container port -> host port
     extra: dict[str, Any] = field(default_factory=dict)
+    interruptible: bool = False  # rented at a bid
+    # Stopped by the market, not by anyone's stop: its bid lost; it runs again (container
+    # restarted, onstart rerun) when the bid wins. Bills its disk meanwhile.
+    outbid: bool = False
 
     @property
     def ssh_ready(self) -> bool:

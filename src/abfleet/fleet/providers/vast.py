@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import requests
 
-from abfleet.errors import CreateFailed, ProviderError, UserError
+from abfleet.errors import CreateFailed, NoOffers, ProviderError, UserError
 from abfleet.fleet.providers.base import (
     FAILED,
     PENDING,
@@ -131,13 +131,17 @@ class VastProvider:
             )
         return filters
 
-    def _search(self, clauses: list[str], disk_gb: float) -> list[dict[str, Any]]:
+    def _search(
+        self, clauses: list[str], disk_gb: float, kind: str = "on-demand"
+    ) -> list[dict[str, Any]]:
         query = " ".join(clauses)
         # storage: the disk to be rented, so dph_total is what the instance will bill (the SDK
-        # prices 5 GB unless told).
+        # prices 5 GB unless told). kind "bid": dph_total is the interruptible price, at min_bid.
         rows = self._call(
             "an offer search",
-            lambda: self.sdk.search_offers(query=query, order="dph_total", storage=disk_gb),
+            lambda: self.sdk.search_offers(
+                query=query, order="dph_total", storage=disk_gb, type=kind
+            ),
         )
         if not isinstance(rows, list) or not all(isinstance(r, dict) and "id" in r for r in rows):
             raise ProviderError(
@@ -147,17 +151,35 @@ class VastProvider:
 
     def offers(self, req: Requirements) -> list[Offer]:
         filters = self._filters(req)
-        rows = self._search([clause for _, clause in filters], req.disk_gb)
+        kind = "bid" if req.bid is not None else "on-demand"
+        rows = self._search([clause for _, clause in filters], req.disk_gb, kind)
         if not rows:
-            raise ProviderError(self._why_empty(filters, req.disk_gb))
-        offers = [self._offer(r, req.disk_gb) for r in rows]
-        return sorted(offers, key=lambda o: o.price_per_hour)
+            raise NoOffers(self._why_empty(filters, req.disk_gb, kind))
+        if req.bid is None:
+            offers = [self._offer(r, req.disk_gb) for r in rows]
+            return sorted(offers, key=lambda o: o.price_per_hour)
+        # A bid search prices at the minimum bid; the same machines on demand come from a
+        # second search (no price filter: --max-price caps the interruptible rate).
+        clauses = [c for name, c in filters if name != "dph_total"]
+        demand = {
+            str(r["id"]): _float(r.get("dph_total")) for r in self._search(clauses, req.disk_gb)
+        }
+        offers = [self._offer(r, req.disk_gb, demand.get(str(r["id"]))) for r in rows]
+        offers = [o for o in offers if o.min_bid is not None]
+        if not offers:
+            raise NoOffers(
+                "no Vast.ai offer that fits can be rented interruptible right now: "
+                "drop --interruptible or try later"
+            )
+        return sorted(offers, key=lambda o: o.interruptible_per_hour or o.price_per_hour)
 
-    def _why_empty(self, filters: list[tuple[str, str]], disk_gb: float) -> str:
+    def _why_empty(
+        self, filters: list[tuple[str, str]], disk_gb: float, kind: str = "on-demand"
+    ) -> str:
         """Add filters one at a time: the first that empties the list is the one to loosen."""
         previous = None
         for i in range(1, len(filters) + 1):
-            count = len(self._search([clause for _, clause in filters[:i]], disk_gb))
+            count = len(self._search([clause for _, clause in filters[:i]], disk_gb, kind))
             if count == 0:
                 name, clause = filters[i - 1]
                 if previous is None:
@@ -169,7 +191,10 @@ class VastProvider:
             previous = count
         return "no Vast.ai offers match (they changed while searching): try again"
 
-    def _offer(self, r: dict[str, Any], disk_gb: float) -> Offer:
+    def _offer(self, r: dict[str, Any], disk_gb: float, on_demand: float | None = None) -> Offer:
+        storage = _storage_rate(r.get("storage_cost"), disk_gb)
+        min_bid = _float(r.get("min_bid"))
+        interruptible = on_demand is not None and min_bid is not None
         return Offer(
             id=str(r["id"]),
             provider=self.name,
@@ -177,12 +202,16 @@ class VastProvider:
             gpu_count=int(r.get("num_gpus") or 0),
             gpu_memory_gb=float(r.get("gpu_ram") or 0) / MIB_PER_GB,
             disk_gb=float(r.get("disk_space") or 0),
-            price_per_hour=float(r["dph_total"]),
+            # From a bid search, dph_total is the interruptible price: the on-demand one is
+            # the other search's.
+            price_per_hour=on_demand if interruptible else float(r["dph_total"]),  # type: ignore[arg-type]
             reliability=_float(r.get("reliability2", r.get("reliability"))),
             inet_down_mbps=_float(r.get("inet_down")),
             machine_id=int(r["machine_id"]) if r.get("machine_id") is not None else None,
             location=str(r.get("geolocation") or ""),
-            storage_per_hour=_storage_rate(r.get("storage_cost"), disk_gb),
+            storage_per_hour=storage,
+            min_bid=min_bid if interruptible else None,
+            interruptible_per_hour=float(r["dph_total"]) if interruptible else None,
         )
 
     # -- instances --------------------------------------------------------------------------
@@ -204,6 +233,8 @@ class VastProvider:
                 direct=True,
                 # An unschedulable create is an error, not a stopped instance billing its disk.
                 cancel_unavail=True,
+                # A price makes the create a bid (interruptible); none: on demand.
+                price=offer.bid,
             )
 
         iid = self._create(offer, spec, call)
@@ -325,10 +356,24 @@ class VastProvider:
     def describe_offer(self, offer: Offer) -> list[str]:
         where = f", {offer.location}" if offer.location else ""
         rel = f", reliability {offer.reliability:.3f}" if offer.reliability is not None else ""
-        return [
+        lines = [
             f"provider {offer.provider}, offer {offer.id}",
             f"{offer.gpu_count}x {offer.gpu_name} ({offer.gpu_memory_gb:.0f} GB each), machine {offer.machine_id}{where}{rel}",
         ]
+        if offer.bid is not None:
+            disk = offer.storage_per_hour or 0.0
+            demand = (
+                f" (on demand: {offer.on_demand_per_hour:.3f} $/h)"
+                if offer.on_demand_per_hour
+                else ""
+            )
+            lines += [
+                f"interruptible: bid {offer.bid:.4f} $/h (minimum {offer.min_bid:.4f}), "
+                f"{offer.price_per_hour:.3f} $/h running with its disk{demand}",
+                f"outbid, it pauses: it then bills only its disk ({disk:.3f} $/h), the run waits, "
+                "and it goes on where it was when the bid wins again",
+            ]
+        return lines
 
     def attach_key(self, instance_id: str, public_key: str) -> None:
         self._checked(
@@ -363,7 +408,13 @@ class VastProvider:
         actual = r.get("actual_status")
         intended = r.get("intended_status")
         msg = str(r.get("status_msg") or "")
-        if any(m in msg for m in FAILURE_MESSAGES) or (
+        is_bid = bool(r.get("is_bid"))
+        # An interruptible instance its owner wants running but that does not run lost its bid:
+        # the market stopped it (paused, not failed); it runs again when the bid wins.
+        outbid = is_bid and intended == "running" and actual in ("stopped", "exited")
+        if outbid:
+            state = STOPPED
+        elif any(m in msg for m in FAILURE_MESSAGES) or (
             actual in FAILED_STATES and intended != "stopped"
         ):
             state = FAILED
@@ -401,6 +452,8 @@ class VastProvider:
                 "disk_util": r.get("disk_util"),
                 "cur_state": r.get("cur_state"),
             },
+            interruptible=is_bid,
+            outbid=outbid,
         )
 
 
