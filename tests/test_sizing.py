@@ -308,3 +308,27 @@ def test_a_gpu_without_bf16_is_planned_at_float16_width_with_a_note_on_speed():
     v, r = by_gpu["Tesla_V100"], by_gpu["RTX_5090"]
     assert v["batch"] == r["batch"] and v["gpu_memory_gb"] == r["gpu_memory_gb"]
     assert v100.gpu_memory_gb == v["gpu_memory_gb"]
+
+
+def test_size_interruptible_costs_the_run_both_ways_at_the_stated_pause_rate():
+    from test_launch import abfleet
+
+    config = str(Path(__file__).resolve().parent.parent / "benchmarks" / "configs" / "qwen2.5-32b")
+    args = ("size", config, "--interruptible", "--trials", "200", "--json")
+    calm = json.loads(abfleet(*args, "--pauses-per-hour", "0").stdout)["cost"]
+    # No pauses: the same hours, at half the GPU's price (the disk bills the same).
+    assert calm["running_hours"] == calm["work_hours"] and calm["paused_hours"] == 0
+    gpu = calm["on_demand_per_hour"] - calm["disk_per_hour"]
+    assert abs(calm["bid_per_hour"] - (gpu / 2 + calm["disk_per_hour"])) < 1e-9
+    rough = json.loads(abfleet(*args, "--pauses-per-hour", "1", "--pause-minutes", "30").stdout)
+    cost = rough["cost"]
+    assert cost["running_hours"] > cost["work_hours"]  # reloads and re-run trials
+    assert abs(cost["paused_hours"] - cost["pauses"] * 0.5) < 1e-9
+    assert abs(cost["pauses"] - cost["running_hours"]) < 1e-9  # one per running hour
+    expected = (
+        cost["running_hours"] * cost["bid_per_hour"] + cost["paused_hours"] * cost["disk_per_hour"]
+    )
+    assert abs(cost["interruptible_usd"] - expected) < 1e-9
+    assert calm["interruptible_usd"] < cost["interruptible_usd"] < cost["on_demand_usd"]
+    text = abfleet("size", config, "--interruptible", "--trials", "200")
+    assert "interruptible at 50%" in " ".join(text.stdout.split())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -184,11 +185,54 @@ def push_cmd(run_dir: Path, repo: str, private: bool, yes: bool) -> None:
     type=click.Choice(("none", "bnb-8bit", "bnb-4bit")),
     help="Size the search at this quantization (default: the job's, else none).",
 )
+@click.option(
+    "--interruptible",
+    is_flag=True,
+    help="Also estimate the run's cost on demand and interruptible, at a stated pause rate.",
+)
+@click.option("--trials", type=int, help="Trials to cost (default: the job's).")
+@click.option(
+    "--pauses-per-hour",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Outbids per running hour.",
+)
+@click.option("--pause-minutes", type=float, default=20.0, show_default=True, help="Their length.")
+@click.option(
+    "--bid-ratio",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="The bid over the on-demand price (Vast's minimum bids are often about half).",
+)
 def size_cmd(
-    model: str, as_json: bool, job_arg: str | None, batch_size: int | None, quantization: str | None
+    model: str,
+    as_json: bool,
+    job_arg: str | None,
+    batch_size: int | None,
+    quantization: str | None,
+    interruptible: bool,
+    trials: int | None,
+    pauses_per_hour: float,
+    pause_minutes: float,
+    bid_ratio: float,
 ) -> None:
     """Disk, host RAM and GPU needed for MODEL, and the cheapest GPU that fits, per quantization."""
     from abfleet.cli.fleet import render_sizing
+    from abfleet.fleet.pausecost import PauseRate, estimate
     from abfleet.fleet.sizing import plan_for
+    from abfleet.job.spec import load_job
 
-    render_sizing(plan_for(model, job_arg, batch_size, quantization), as_json)
+    plan = plan_for(model, job_arg, batch_size, quantization)
+    if not interruptible:
+        render_sizing(plan, as_json)
+        return
+    n_trials = trials or load_job(job_arg, {"model": model}).spec.search.n_trials
+    cost = estimate(plan, n_trials, PauseRate(pauses_per_hour, pause_minutes, bid_ratio))
+    if as_json:
+        click.echo(json.dumps({**plan.to_dict(), "cost": cost.to_dict()}, indent=1))
+        return
+    render_sizing(plan, False)
+    for line in cost.lines():
+        console.print(line)
