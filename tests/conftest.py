@@ -132,6 +132,16 @@ def finished_run(tmp_path_factory, tiny_model_dir):
 
     tmp = tmp_path_factory.mktemp("finished")
     job_file = write_job(tmp / "job", str(tiny_model_dir), n_trials=6)
+    # With the capability check: a multiple-choice and a generation task defined here, and one
+    # whose data cannot be had (a warning; the export happens all the same).
+    tasks = Path(__file__).resolve().parent / "lmeval_tasks"
+    job_file.write_text(
+        job_file.read_text().replace(
+            "[evaluation]\n",
+            "[evaluation]\nbenchmark = ['abfleet_capitals', 'abfleet_sums', 'abfleet_missing']\n"
+            f"benchmark_limit = 12\nbenchmark_tasks = '{tasks}'\n",
+        )
+    )
     run = RunDir(tmp / "run")
     result = run_job(load_job(str(job_file)), run, LogReporter())
     assert result.state == "done"

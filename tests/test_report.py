@@ -55,8 +55,10 @@ def test_the_export_carries_a_report_that_a_browser_draws(finished_run):
     dom = _browser(page, "--virtual-time-budget=10000", "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
     # plotly draws each chart as SVG once its script has run: none means an empty page or a
-    # script error. Three charts: the trade-off, the trials over time, the weights per layer.
-    assert dom.stdout.count('class="main-svg"') >= 3
+    # script error. Four charts: the trade-off, the capability check (before/after per lm-eval
+    # task), the trials over time, the weights per layer.
+    assert dom.stdout.count('class="main-svg"') >= 4
+    assert 'id="capability"' in dom.stdout and "abfleet_capitals (acc, n=12)" in dom.stdout
     assert dom.stdout.count('class="point"') >= 6  # every trial is a drawn point
     assert "Before / after" in dom.stdout and "refusals" in dom.stdout
 

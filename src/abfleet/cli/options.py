@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 
-def _dtype_list(_ctx: Any, _param: Any, value: str | None) -> list[str] | None:
+def _comma_list(_ctx: Any, _param: Any, value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
@@ -29,7 +29,7 @@ def job_flags(func: Callable[..., Any]) -> Callable[..., Any]:
             "--batch-size", type=int, help="Fixed batch size (default: found by doubling)."
         ),
         click.option(
-            "--dtype", callback=_dtype_list, help="dtypes to try in order, e.g. bfloat16,float32."
+            "--dtype", callback=_comma_list, help="dtypes to try in order, e.g. bfloat16,float32."
         ),
         click.option(
             "--quantization",
@@ -48,6 +48,18 @@ def job_flags(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Re-score only the front trials that can still be chosen (default), or all.",
         ),
         click.option("--judge", help="Judge model (directory or hub id) for the long answers."),
+        click.option(
+            "--benchmark",
+            callback=_comma_list,
+            help="lm-eval tasks (e.g. gsm8k,mmlu,hellaswag) run on the original and the export: "
+            "what the edit costs in capability.",
+        ),
+        click.option(
+            "--benchmark-limit", type=int, help="Examples per benchmark task (default 100)."
+        ),
+        click.option(
+            "--benchmark-tasks", help="A folder of your own lm-eval task YAMLs for --benchmark."
+        ),
         click.option(
             "--norm-preserving/--no-norm-preserving",
             default=None,
@@ -90,6 +102,9 @@ JOB_FLAG_NAMES = (
     "long_tokens",
     "rescore",
     "judge",
+    "benchmark",
+    "benchmark_limit",
+    "benchmark_tasks",
     "norm_preserving",
     "startup_trials",
     "kl_limit",

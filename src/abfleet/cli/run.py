@@ -103,6 +103,11 @@ def _render(result: RunResult, prepared: localrun.LocalRun) -> None:
     for warning in result.warnings:
         console.print(f"[yellow]warning: {warning}[/]")
     console.print(before_after_table(result.baseline, result.chosen))
+    if result.benchmarks:
+        from abfleet.core.capability import lines
+
+        for line in lines(result.benchmarks):
+            console.print(f"capability: {line}")
     console.print(
         f"model saved to [bold]{result.model_dir}[/] (verified: MANIFEST.sha256, abfleet-run.json)"
     )
@@ -227,6 +232,10 @@ def size_cmd(
     plan = plan_for(model, job_arg, batch_size, quantization)
     if not interruptible:
         render_sizing(plan, as_json)
+        if job_arg and not as_json:
+            from abfleet.fleet.launch import check_hours
+
+            check_hours(load_job(job_arg, {"model": model}), plan, console.print)
         return
     n_trials = trials or load_job(job_arg, {"model": model}).spec.search.n_trials
     cost = estimate(plan, n_trials, PauseRate(pauses_per_hour, pause_minutes, bid_ratio))

@@ -91,7 +91,7 @@ def export_model(
     quantized: bool = False,
     batch_size: int = 8,
     measure: Callable[[Any], dict[str, Any]] | None = None,
-    annotate: Callable[[dict[str, Any]], None] | None = None,
+    annotate: Callable[[dict[str, Any], Path], None] | None = None,
     extras: Callable[[Path, dict[str, Any]], None] | None = None,
     reload_shipped: Callable[[Path], LoadedModel] | None = None,
     full_reference: Callable[[list[list[int]]], torch.Tensor | None] | None = None,
@@ -105,8 +105,9 @@ def export_model(
     record's `after` (the search's own figures for the trial stay as `after_search`), so what a
     user reads is what the saved weights do, rounding of merged weights included.
 
-    annotate(record) adds to the record once the check's model is released too (the judge's
-    verdicts: nothing else holds the GPU then).
+    annotate(record, folder) adds to the record once the check's model is released too (the
+    judge's verdicts, the capability check of the saved export in folder: nothing else holds
+    the GPU then).
 
     After a quantized search, full_reference(encoded) gives the log-probs of the full-precision
     source with the trial's deltas (None when it does not fit): the export, loaded at its own
@@ -187,7 +188,7 @@ def export_model(
             record["after_search"] = run_record.get("after")
             record["after"] = {**(run_record.get("after") or {}), **check["figures"]}
         if annotate is not None:
-            annotate(record)
+            annotate(record, tmp)
         (tmp / RUN_FILE).write_text(
             json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8"
         )

@@ -95,7 +95,10 @@ def launch(
             instances,
             (pg_port,) if head else (),
             budget=BudgetCheck(
-                opts.billing.budget_usd, opts.billing.stop_after_s, rescore_factor(job)
+                opts.billing.budget_usd,
+                opts.billing.stop_after_s,
+                rescore_factor(job),
+                check_hours(job, plan, say),
             ),
         )
         try:
@@ -113,6 +116,21 @@ def launch(
             workers * instances,
             opts.billing,
         )
+
+
+def check_hours(job: Any, plan: Plan, say: Say) -> float:
+    """The capability check's estimated hours (0 without one), said before the confirmation."""
+    from abfleet.fleet.sizing import benchmark_hours
+
+    ev = job.spec.evaluation
+    hours = benchmark_hours(plan, len(ev.benchmark), ev.benchmark_limit)
+    if ev.benchmark:
+        took = f"about {hours * 60:.0f} min" if hours is not None else "time unknown"
+        say(
+            f"capability check: {', '.join(ev.benchmark)} ({ev.benchmark_limit} examples each) "
+            f"on the original and the export after the search: {took}, counted in the budget"
+        )
+    return hours or 0.0
 
 
 def rescore_factor(job: Any) -> float:

@@ -94,6 +94,11 @@ def prepare(
     job = load_job(job_arg, flags)
     if job.spec.output.push_to_hub:  # the box pushes with the HF_TOKEN shipped from here
         require_token(job.spec.output.push_to_hub)
+    if job.spec.evaluation.benchmark_tasks:
+        raise UserError(
+            "--benchmark-tasks (your own lm-eval task folder) runs with `abfleet run` here; a "
+            "box runs lm-eval's own tasks (--benchmark gsm8k,...)"
+        )
     if job.spec.search.storage.startswith("sqlite"):
         raise UserError(
             "a cloud run keeps its SQLite study on the box: leave storage empty, or give a Postgres URL"

@@ -424,6 +424,7 @@ class BudgetCheck:
     usd: float
     stop_after_s: float = 0.0  # the grace period bills too
     rescore_factor: float = 0.0  # the re-score's tokens per answer over the search's (0: none)
+    benchmark_hours: float = 0.0  # the capability check (lm-eval), on the original and the export
 
 
 def _check_budget(
@@ -440,8 +441,10 @@ def _check_budget(
             "best trial so far is exported and the box stops itself"
         )
     grace = budget.stop_after_s / 3600
-    hours = search + wrapup + grace
+    hours = search + wrapup + budget.benchmark_hours + grace
     parts = f"search {search:.1f} h, re-score and export {wrapup:.1f} h, grace {grace:.1f} h"
+    if budget.benchmark_hours:
+        parts += f", capability check {budget.benchmark_hours:.1f} h"
     if rate * hours > budget.usd:
         raise UserError(
             f"the estimated cost, {fmt_usd(rate * hours)} ({parts} at {rate:.3f} $/h), is over "

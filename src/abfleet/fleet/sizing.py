@@ -338,6 +338,19 @@ class Plan:
         return (rescore + 4 * self.weights_gb) / 3600
 
 
+def benchmark_hours(plan: Plan, n_tasks: int, limit: int) -> float | None:
+    """The capability check's time: the original and the export each loaded (~4 s a GB) and
+    every task's examples run on both. An example costs about a fiftieth of a trial (a trial
+    scores ~100 prompts in batches; an example is a few forward passes or one short
+    generation): as rough as the trial estimate it comes from."""
+    if not n_tasks:
+        return 0.0
+    if plan.est_seconds_per_trial is None:
+        return None
+    per_example = plan.est_seconds_per_trial / 50
+    return (2 * 4 * plan.weights_gb + 2 * n_tasks * limit * per_example) / 3600
+
+
 def setup_hours(weights_gb: float) -> float:
     """Boot, install, download (~100 GB/h on a 200 Mbps+ box), load and directions."""
     return 0.25 + weights_gb / 100

@@ -108,6 +108,12 @@ class Evaluation(_Strict):
     # than short ones, so the rest cannot win); "front": the whole front, to compare.
     rescore: str = Field(default="needed", pattern="^(needed|front)$")
     judge: str = ""  # a model (directory, .gguf or hub id) that classifies the long answers
+    # The capability check: lm-evaluation-harness task names run on the original and on the
+    # export ([]: none), at most benchmark_limit examples each; benchmark_tasks: a folder of
+    # your own lm-eval task YAMLs (relative to the job file).
+    benchmark: list[str] = Field(default_factory=list)
+    benchmark_limit: int = Field(default=100, ge=1)
+    benchmark_tasks: str = ""
 
 
 class Search(_Strict):
@@ -194,6 +200,23 @@ class Job:
         raw = self.spec.output.dir or f"runs/{self.spec.name}"
         return Path(raw).expanduser().resolve()
 
+    def benchmark_folder(self) -> Path | None:
+        """The folder of the job's own lm-eval tasks, checked; None when it names none."""
+        ev = self.spec.evaluation
+        if ev.benchmark_tasks and not ev.benchmark:
+            raise UserError(
+                "benchmark_tasks names task YAMLs, but no --benchmark task is asked for"
+            )
+        if not ev.benchmark_tasks:
+            return None
+        folder = (self.base_dir / ev.benchmark_tasks).expanduser().resolve()
+        if not folder.is_dir() or not any(folder.glob("*.yaml")):
+            raise UserError(
+                f"--benchmark-tasks {ev.benchmark_tasks}: {folder} is not a folder of lm-eval task "
+                "YAML files"
+            )
+        return folder
+
     def prompt_sources(self) -> dict[str, PromptSource]:
         p = self.spec.prompts
         return {"bad": p.bad, "good": p.good, "bad_eval": p.bad_eval, "good_eval": p.good_eval}
@@ -242,6 +265,9 @@ FLAG_KEYS = {
     "long_tokens": "evaluation.long_new_tokens",
     "rescore": "evaluation.rescore",
     "judge": "evaluation.judge",
+    "benchmark": "evaluation.benchmark",
+    "benchmark_limit": "evaluation.benchmark_limit",
+    "benchmark_tasks": "evaluation.benchmark_tasks",
     "norm_preserving": "ablation.norm_preserving",
     "kl_limit": "result.kl_limit",
     "trial": "result.trial",

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 
 from abfleet.console import console
-from abfleet.core import search
+from abfleet.core import capability, search
 from abfleet.core.ablation import AblationParams, Ablator
 from abfleet.core.batching import find_batch_size, worst_case_edit
 from abfleet.core.evaluate import Evaluator
@@ -146,6 +146,7 @@ class RunResult:
     pushed: str = ""  # the Hub URL the export was pushed to
     push_error: str = ""  # why the push failed (the export is still on disk)
     warnings: list[str] = field(default_factory=list)  # what the user must read before using it
+    benchmarks: dict[str, Any] = field(default_factory=dict)  # the capability check, per task
 
 
 def worker_label(index: int) -> str:
@@ -537,6 +538,70 @@ def _run(
         if record.get("rescore"):
             record["rescore"]["judge_seconds"] = round(time.monotonic() - started, 1)
 
+    def benchmark_export(record: dict[str, Any], folder: Path) -> None:
+        """The capability check: the lm-eval tasks on the original model, then on the saved
+        export, one model in memory at a time. Informational: failures are warnings."""
+        ev = spec.evaluation
+        if not ev.benchmark:
+            return
+        if quantization != "none" and not fits_unquantized():
+            warning = (
+                "the capability check did not run: the full-precision models do not fit this "
+                "machine's memory"
+            )
+            reporter.note(warning)
+            warnings.append(warning)
+            return
+        include = job.benchmark_folder()
+        sources = (("the original", source), ("the export", ModelSource("dir", str(folder))))
+        measured = []
+        skip: set[str] = set()
+        for what, src in sources:
+            _set_phase(
+                status,
+                reporter,
+                "benchmarking",
+                f"{', '.join(ev.benchmark)} on {what} ({ev.benchmark_limit} examples each)",
+            )
+            try:
+                model = load_model(
+                    src, (loaded.dtype,), spec.model_options.device_map, for_ablation=False
+                )
+                try:
+                    got = capability.measure(
+                        model.model,
+                        model.tokenizer,
+                        ev.benchmark,
+                        ev.benchmark_limit,
+                        include,
+                        min(batch_size, 8),
+                        skip,
+                    )
+                finally:
+                    model = None  # type: ignore[assignment]
+                    gc.collect()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+            except Exception as exc:  # noqa: BLE001 - the check never costs the export
+                why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                got = capability.Measured(warnings=[f"the capability check failed ({why})"])
+            skip |= {w.split()[1] for w in got.warnings if w.startswith("benchmark ")}
+            for warning in got.warnings:
+                reporter.note(warning)
+                warnings.append(warning)
+            measured.append(got)
+        if len(measured) == 2:
+            table = capability.compare(measured[0], measured[1])
+            if table:
+                record["benchmarks"] = result.benchmarks = table
+                record["benchmark_seconds"] = round(sum(m.seconds for m in measured), 1)
+                for line in capability.lines(table):
+                    reporter.note(f"capability: {line}")
+
+    def annotate(record: dict[str, Any], folder: Path) -> None:
+        judge_export(record)
+        benchmark_export(record, folder)
+
     def full_reference(encoded: list[list[int]]) -> torch.Tensor | None:
         """After a quantized search: the source at full precision with the trial's deltas, the
         model the merged export must reproduce (None where it does not fit). The unedited
@@ -575,7 +640,7 @@ def _run(
         quantized=quantization != "none",
         batch_size=min(batch_size, 8),
         measure=measure,
-        annotate=judge_export,
+        annotate=annotate,
         reload_shipped=reload_shipped,
         full_reference=full_reference,
         extras=lambda folder, saved: _extras(study, saved, folder),

@@ -39,6 +39,7 @@ def validate_inputs(job: Job) -> None:
     if source.is_local:
         check_architecture(source)
     check_judge_here(job.spec.evaluation.judge)
+    job.benchmark_folder()
     job.load_all_prompts()
 
 

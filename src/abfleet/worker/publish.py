@@ -78,6 +78,7 @@ def model_card(record: dict[str, Any], base: dict[str, Any]) -> str:
         "divergence of the first answer token from the base model on held-out harmless "
         "prompts (how much the rest of the model moved).",
         "",
+        *_capability(record),
         *_warnings(record),
         "## How it was made",
         "",
@@ -114,6 +115,28 @@ def _measured(check: dict[str, Any]) -> str:
             "; the figures above are of the export re-quantized as searched, not of these weights"
         )
     return f"; the figures above were measured on the {measured} weights"
+
+
+def _capability(record: dict[str, Any]) -> list[str]:
+    benchmarks = record.get("benchmarks") or {}
+    if not benchmarks:
+        return []
+    rows = [
+        f"| {task} | {r['metric']} | {r['before']:.3f} | {r['after']:.3f} | {r['diff']:+.3f} | "
+        f"{r['n']} |"
+        for task, r in benchmarks.items()
+    ]
+    return [
+        "## Capability (lm-evaluation-harness)",
+        "",
+        "| task | metric | base | abliterated | difference | examples |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+        "Each task on at most the number of examples shown, so a difference of a few points can be "
+        "noise; run lm-eval on the full tasks before publishing a claim.",
+        "",
+    ]
 
 
 def _warnings(record: dict[str, Any]) -> list[str]:

@@ -41,8 +41,13 @@ def build_report(study: optuna.Study, record: dict[str, Any]) -> str:
     rescore = study.user_attrs.get("rescore") or {}
     charts = [
         ("Refusals against KL divergence", _tradeoff(trials, front, rescore, chosen)),
-        ("Trials over time", _over_time(trials)),
     ]
+    benchmarks = record.get("benchmarks") or {}
+    if benchmarks:  # beside the refusal/KL chart: what the edit cost in capability
+        charts.append(
+            ("Capability before and after (lm-evaluation-harness)", _capability(benchmarks))
+        )
+    charts.append(("Trials over time", _over_time(trials)))
     weights = _layer_weights(record, study)
     if weights is not None:
         charts.append(("Ablation weight per layer (chosen trial)", weights))
@@ -52,6 +57,8 @@ def build_report(study: optuna.Study, record: dict[str, Any]) -> str:
         "<h2>Before / after (held-out prompts)</h2>",
         _before_after(record),
     ]
+    if benchmarks:
+        body.append(_capability_table(benchmarks))
     for i, (title, figure) in enumerate(charts):
         body.append(f"<h2>{_e(title)}</h2>")
         body.append(figure.to_html(full_html=False, include_plotlyjs=i == 0, div_id=f"chart{i}"))
@@ -138,6 +145,45 @@ def _before_after(record: dict[str, Any]) -> str:
             cells.append(fmt_judge(r.get("judge")))
         rows.append(_row(cells, set(range(1, len(cells)))))
     return "<table>" + "".join(rows) + "</table>"
+
+
+def _capability_table(benchmarks: dict[str, dict[str, Any]]) -> str:
+    rows = [_row(["task", "metric", "before", "after", "difference", "examples"], tag="th")]
+    for task, r in benchmarks.items():
+        rows.append(
+            _row(
+                [
+                    task,
+                    r["metric"],
+                    f"{r['before']:.3f}",
+                    f"{r['after']:.3f}",
+                    f"{r['diff']:+.3f}",
+                    r["n"],
+                ],
+                {2, 3, 4, 5},
+            )
+        )
+    return "<table id=capability>" + "".join(rows) + "</table>"
+
+
+def _capability(benchmarks: dict[str, dict[str, Any]]) -> Any:
+    import plotly.graph_objects as go
+
+    tasks = list(benchmarks)
+    labels = [f"{t} ({benchmarks[t]['metric']}, n={benchmarks[t]['n']})" for t in tasks]
+    fig = go.Figure()
+    for key, color in (("before", "#888"), ("after", "#d62728")):
+        fig.add_trace(
+            go.Bar(
+                x=labels,
+                y=[benchmarks[t][key] for t in tasks],
+                name=key,
+                marker={"color": color},
+                text=[f"{benchmarks[t][key]:.3f}" for t in tasks],
+            )
+        )
+    fig.update_layout(barmode="group", height=340, margin={"t": 20}, yaxis={"rangemode": "tozero"})
+    return fig
 
 
 def _samples(record: dict[str, Any]) -> str:

@@ -147,7 +147,7 @@ def _overall_state(workers: list[dict[str, Any]]) -> tuple[str, str | None, str 
         return "failed", primary["reason"], primary["detail"]
     if primary["state"] in FINAL_STATES and not alive:
         return primary["state"], primary["reason"], primary["detail"]
-    for state in ("exporting", "judging", "rescoring"):
+    for state in ("exporting", "benchmarking", "judging", "rescoring"):
         if any(w["state"] == state for w in workers):
             return state, None, next(w["detail"] for w in workers if w["state"] == state)
     order = ("searching", "directions", "loading", "starting")
