@@ -103,10 +103,6 @@ class InstanceRecord:
     paused_since: float | None = None
     pauses: int | None = None
 
-    @property
-    def interruptible(self) -> bool:
-        return bool(self.offer and self.offer.get("bid") is not None)
-
 
 @dataclass
 class RunRecord:
