@@ -51,8 +51,6 @@ def launch(
             "--max-pause moves a one-box run; with --instances the study's box is on demand and "
             "a paused worker box only loses its running trial: leave --max-pause out"
         )
-    if opts.bid is not None and opts.provider != "vast":
-        raise UserError("--interruptible is for rented boxes (--provider vast)")
     lp = prepare(job_arg, flags, opts.gpu, opts.billing, say)
     job, plan = lp.job, lp.sizing
     if show_plan:
@@ -70,6 +68,8 @@ def launch(
         # Unreachable or a wrong password: fails here, before anything is rented.
         create_shared_study(job, storage, resume, prompts=lp.prompts)
     provider = get_provider(opts.provider, opts.host)
+    if opts.bid is not None and not provider.billable:
+        raise UserError("--interruptible is for rented boxes (--provider vast)")
     if instances > 1 and not provider.billable:
         raise UserError(
             "--instances is for rented boxes (--provider vast); give a Postgres URL to share a study with your own machines"
