@@ -38,7 +38,13 @@ class Assessment:
         exporting: stopping now loses that work."""
         if not self.snapshot:
             return False
-        return self.snapshot.get("state") in ("searching", "rescoring", "exporting")
+        return self.snapshot.get("state") in (
+            "searching",
+            "rescoring",
+            "exporting",
+            "judging",
+            "benchmarking",
+        )
 
 
 def assess(

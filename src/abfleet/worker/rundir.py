@@ -25,6 +25,8 @@ STATES = (
     "searching",
     "rescoring",
     "exporting",
+    "judging",
+    "benchmarking",
     "done",
     "failed",
     "stopped",
