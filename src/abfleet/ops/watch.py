@@ -93,6 +93,7 @@ class Watcher:
             self.info.error = None
             self.info.paused = None
             self.failures = 0
+            self._answered()
             note_state(self.ledger, self.target, snap)
             if self.backup:
                 self.info.backup = self.runview.backup(snap)
@@ -117,6 +118,14 @@ class Watcher:
             finally:
                 self.runview = None
         self.next_try = time.time() + min(2 ** (self.failures - 1), 30)
+
+    def _answered(self) -> None:
+        """The box answered: it is not outbid, whatever an earlier look recorded (a pause
+        must never be counted from before the box came back)."""
+        rec = self.target.instance
+        current = self.ledger.instance(rec.provider, rec.instance_id or "")
+        if current is not None and current.paused_since is not None:
+            self.ledger.update(current.key, paused_since=None)
 
     def _pause(self) -> bool:
         """An outbid box: say so, and move the run once it has been paused past --max-pause;
