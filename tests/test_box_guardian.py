@@ -378,8 +378,9 @@ def test_every_download_failure_after_the_wake_stops_the_box_again(
 
 
 def _two_boxes(
-    isolated_home, tmp_path, tiny_model_dir, *flags: str, env=None
+    isolated_home, tmp_path, tiny_model_dir, *flags: str, env=None, n_trials: int = 6
 ) -> tuple[list[int], str]:
+    """A 2-box launch (Postgres on the first, grace 1 s) with `flags`; (instance ids, output)."""
     from sshbox import free_port
 
     pg_port = free_port()
@@ -387,7 +388,7 @@ def _two_boxes(
     config.write_text(
         config.read_text().replace("[vast]\n", f"[vast]\npostgres_port = {pg_port}\n")
     )
-    job = write_job(tmp_path / "job", str(tiny_model_dir), n_trials=6)
+    job = write_job(tmp_path / "job", str(tiny_model_dir), n_trials=n_trials)
     proc = abfleet(
         "launch",
         str(job),
@@ -398,7 +399,6 @@ def _two_boxes(
         "--yes",
         "--stop-after",
         "1s",
-        "--then-destroy",
         *flags,
         env=env,
     )
@@ -410,7 +410,7 @@ def test_two_boxes_with_then_destroy_both_stop_and_the_download_destroys_both(
     meter, boxes, ssh_key, isolated_home, tmp_path, tiny_model_dir
 ):
     fake = meter
-    ids, _ = _two_boxes(isolated_home, tmp_path, tiny_model_dir)
+    ids, _ = _two_boxes(isolated_home, tmp_path, tiny_model_dir, "--then-destroy")
     head, other = boxes.made[:2]
     assert wait_for_state(head.root, timeout=300)["state"] == "done"
     for iid in ids:
@@ -447,7 +447,13 @@ def test_two_boxes_pushed_with_then_destroy_destroy_themselves(
         )
         env = {"HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1"}
         ids, said = _two_boxes(
-            isolated_home, tmp_path, tiny_model_dir, "--push-to-hub", "team/two-boxes", env=env
+            isolated_home,
+            tmp_path,
+            tiny_model_dir,
+            "--then-destroy",
+            "--push-to-hub",
+            "team/two-boxes",
+            env=env,
         )
         # The write token goes only to the box that pushes, and leaves it with the run.
         assert said.count("HF_TOKEN goes to") == 1 and "for the push to team/two-boxes" in said

@@ -10,7 +10,7 @@ import time
 from abfleet.fleet.ledger import Ledger
 from conftest import write_job
 from fakevast import make_offer
-from test_box_guardian import _complete_numbers, _launch, _stopped_at, _wait
+from test_box_guardian import _complete_numbers, _launch, _stopped_at, _two_boxes, _wait
 from test_launch import abfleet, wait_for_state
 
 
@@ -175,31 +175,12 @@ def test_a_pause_past_max_pause_moves_the_run_and_destroys_the_paused_box(
 def test_a_two_box_run_whose_worker_box_pauses_finishes_on_the_head(
     meter, boxes, isolated_home, tmp_path, tiny_model_dir
 ):
-    from sshbox import free_port
-
     fake = meter
-    config = isolated_home / "config" / "config.toml"
-    config.write_text(
-        config.read_text().replace("[vast]\n", f"[vast]\npostgres_port = {free_port()}\n")
-    )
-    job = write_job(tmp_path / "job", str(tiny_model_dir), n_trials=8)
-    proc = abfleet(
-        "launch",
-        str(job),
-        "--instances",
-        "2",
-        "--storage",
-        "head",
-        "--interruptible",
-        "--yes",
-        "--stop-after",
-        "1s",
-    )
-    assert proc.returncode == 0, proc.stderr + proc.stdout
+    ids, _ = _two_boxes(isolated_home, tmp_path, tiny_model_dir, "--interruptible", n_trials=8)
     head_ask, worker_ask = _asks(fake)
     assert head_ask["price"] is None  # the study's box is on demand: it must not pause
     assert worker_ask["price"] is not None
-    head_id, worker_id = (int(i) for i in Ledger().runs()[0].instances)
+    head_id, worker_id = ids
     assert not fake.instances[head_id]["is_bid"] and fake.instances[worker_id]["is_bid"]
     head, worker = boxes.made[:2]
 
