@@ -142,9 +142,11 @@ def _destroy_old_box(ledger: Ledger, run_name: str, say: Callable[[str], None]) 
     try:
         destroy_and_confirm(get_provider(old.provider), ledger, old.instance_id)
     except AbfleetError as exc:
+        disk = f"{old.storage_per_hour:.3f} $/h" if old.storage_per_hour is not None else "?"
         say(
             f"[bold red]instance {old.instance_id}, the paused box of {run_name}, could NOT be "
-            f"destroyed ({exc}):[/] it bills its disk; `abfleet destroy {old.instance_id}`"
+            f"destroyed ({exc}):[/] it bills its disk ({disk}, more if its bid wins again); "
+            f"`abfleet destroy {old.instance_id}` ends it"
         )
         return
     say(f"destroyed instance {old.instance_id}, the paused box of {run_name}")
